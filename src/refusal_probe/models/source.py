@@ -1,0 +1,215 @@
+"""Where weights come from: a hub id, a local directory, a .gguf file or an embedded name -> a local HF directory.
+
+One code path for every source: whatever the spec, it resolves to a plain directory (config + safetensors + tokenizer,
+or a PEFT adapter) and is loaded the same way. Routing is by what is on disk, never by the model's name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from refusal_probe.errors import UserError
+from refusal_probe.io import read_json
+from refusal_probe.models import embedded
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    )
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> Path:
+    """A local directory holding the model (full weights or adapter) that ``spec`` names."""
+    text = str(spec)
+    if text in embedded.EMBEDDED:
+        return embedded.fetch(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                return _gguf_dir(path)
+            raise UserError(f"{path}: a model is a directory, a .gguf file, an embedded name or a hub id")
+        if is_model_dir(path) or is_adapter_dir(path):
+            return path
+        if (path / "config.json").is_file() and any(path.glob("*.bin")):
+            raise UserError(f"{path}: only safetensors weights are supported; re-save with save_pretrained()")
+        raise UserError(f"{path}: no model here (no config.json with *.safetensors, no {ADAPTER_CONFIG})")
+    if HUB_ID.match(text):
+        return _hub_dir(text)
+    raise UserError(
+        f"'{text}' is not an existing path, a .gguf file, an embedded model ({', '.join(embedded.EMBEDDED)}) "
+        "or a Hugging Face hub id (org/name)"
+    )
+
+
+def _gguf_dir(path: Path) -> Path:
+    digest = embedded.sha256_file(path)
+    out = embedded.cache_root() / "models" / f"gguf-{path.stem}-{digest[:12]}"
+    if not (out / embedded.SOURCE_FILE).is_file():
+        embedded.convert_gguf(path, out, {"sha256": digest})
+    return out
+
+
+def _hub_dir(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # offline, gated, missing: all need the same advice
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason}); pass a local directory or .gguf file, "
+            f"or use the embedded model '{embedded.DEFAULT_MODEL}' (no hub needed)"
+        ) from None
+
+
+def model_revision(spec: str) -> str | None:
+    """A content identity for the model behind ``spec``: embedded sha256, hub commit, or None."""
+    if spec in embedded.EMBEDDED:
+        return embedded.revision(spec)
+    d = resolve_model_dir(spec)
+    m = re.search(r"snapshots/([0-9a-f]{40})", str(d))
+    if m:
+        return f"hub:{m.group(1)}"
+    if (d / embedded.SOURCE_FILE).is_file():
+        return "sha256:" + str(read_json(d / embedded.SOURCE_FILE).get("sha256"))
+    return None
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model spec an adapter names, mapped to an embedded name when its recorded path is one of ours."""
+    try:
+        cfg = read_json(adapter_dir / ADAPTER_CONFIG)
+    except ValueError as exc:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: not valid JSON ({exc})") from None
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        return None
+    if not Path(base).exists() and Path(base).name in embedded.EMBEDDED:
+        return Path(base).name  # trained on another machine against the same embedded model
+    return base
+
+
+def load_tokenizer(path: Path, fallback: Path | None = None):
+    from transformers import AutoTokenizer
+
+    src = path if (path / "tokenizer_config.json").is_file() or fallback is None else fallback
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    base: str | None = None,
+    dtype: Any = None,
+    device: str = "cpu",
+    load_in_4bit: bool = False,
+):
+    """(model, tokenizer) for full weights or a PEFT adapter over its base; eval mode, left-padding tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    path = resolve_model_dir(spec)
+    if is_adapter_dir(path):
+        base_spec = base or adapter_base(path)
+        if not base_spec:
+            raise UserError(f"{path}: adapter names no base model; pass --base MODEL")
+        base_dir = resolve_model_dir(base_spec)
+        if is_adapter_dir(base_dir):
+            raise UserError(f"{base_dir}: the base of adapter {path} is itself an adapter; pass --base with full weights")
+        model = _from_pretrained(AutoModelForCausalLM, base_dir, dtype, device, load_in_4bit)
+        from peft import PeftModel
+        from safetensors import SafetensorError
+
+        verify_safetensors(path)
+        try:
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError, SafetensorError) as exc:
+            raise UserError(f"{path}: adapter does not fit base {base_spec} ({_first_line(exc)}); pass the right --base") from None
+        tokenizer = load_tokenizer(path, fallback=base_dir)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, path, dtype, device, load_in_4bit)
+        tokenizer = load_tokenizer(path)
+    model.eval()
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def verify_safetensors(path: Path) -> None:
+    """Open every safetensors header (cheap, no tensor data) so a truncated file is named before loading."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{file}: truncated or corrupt safetensors file ({_first_line(exc)}); copy or save it again") from None
+
+
+def _from_pretrained(cls, path: Path, dtype, device: str, load_in_4bit: bool):
+    verify_safetensors(path)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+        )
+        kwargs["device_map"] = device
+    from safetensors import SafetensorError
+
+    try:
+        model = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"{path}: cannot load weights ({_first_line(exc)}); check the files are complete") from None
+    if not load_in_4bit:
+        model.to(device)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def decoder_layers(model):
+    """The ModuleList of transformer blocks, through PEFT wrappers and across common architectures."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = inner
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    n = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
+    for module in inner.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise UserError(f"cannot find the transformer blocks of {type(inner).__name__}; this architecture is not supported")
