@@ -1,0 +1,484 @@
+"""`refusal-probe analyze`: walk a checkpoint tree, measure every checkpoint's internals against its base, and write
+tables, plots and a report.
+
+Work is cached per checkpoint under ``<out>/cache/``, keyed by a fingerprint of the checkpoint's files, its base's
+reference and the settings, so a re-run recomputes only what changed, an interrupted run resumes, and ``--shard i/n``
+lets several machines fill the cache for one final plain run to assemble. Checkpoints are only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refusal_probe import data
+from refusal_probe.errors import UserError
+from refusal_probe.io import read_json, write_json
+from refusal_probe.models.tree import Checkpoint, discover
+
+CACHE_FORMAT = "refusal-probe/analysis-cache/1"
+FULL_HASH_LIMIT = (
+    64 << 20
+)  # files up to this size are hashed whole; larger weight files by header + size + mtime
+
+
+@dataclass
+class AnalyzeSettings:
+    """Everything that changes the numbers (part of the cache key), plus how to run (not part of it)."""
+
+    n_prompts: int = field(
+        default=128, metadata={"help": "harmful and harmless prompts each for directions and drift"}
+    )
+    n_val: int = field(default=32, metadata={"help": "held-out prompts each for choosing the base direction"})
+    harmful: str | None = field(default=None, metadata={"help": "harmful prompt file (default: bundled)"})
+    harmless: str | None = field(default=None, metadata={"help": "harmless prompt file (default: bundled)"})
+    layer: int | None = None
+    position: int | None = None
+    separability: bool = True
+    deltas: bool = True
+    seed: int = 0
+    # how to run: not part of the cache key
+    batch_size: int = 16
+    backend: str = "hooks"
+    device: str = "cpu"
+    progress: bool = True
+
+    RUNTIME = ("batch_size", "device", "progress")
+
+    def key_fields(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+        for name in ("harmful", "harmless"):
+            if out[name]:
+                out[name] = {"path": out[name], "sha256": _sha256(Path(out[name]))}
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(directory: Path) -> str:
+    """A content identity for a model/checkpoint directory, cheap enough to take on every run.
+
+    Small files (configs, adapters) are hashed whole; large safetensors by their header (tensor names, shapes, offsets),
+    size and modification time, which changes whenever the file is rewritten.
+    """
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        if f.name in ("trainer_state.json",):
+            continue
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0".encode())
+        if st.st_size <= FULL_HASH_LIMIT:
+            h.update(f.read_bytes())
+        else:
+            with f.open("rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(header_len, 1 << 24)))
+            h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "model"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise UserError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ------------------------------------------------------------------------------------------------ prompt sets
+
+
+def prompt_sets(settings: AnalyzeSettings) -> dict[str, tuple[list[str], str]]:
+    """(prompts, source description) for extraction and for held-out selection."""
+    from refusal_probe.probe.select import sample_prompts
+
+    if settings.harmful:
+        harmful_all, hsrc = data.load_prompts(settings.harmful), settings.harmful
+    else:
+        harmful_all, hsrc = data.harmful_train(), "bundled refusal_direction harmful_train minus AdvBench"
+    if settings.harmless:
+        harmless_all, lsrc = data.load_prompts(settings.harmless), settings.harmless
+    else:
+        harmless_all, lsrc = data.harmless_train(), "bundled Alpaca (refusal_direction harmless_train)"
+    n = settings.n_prompts
+    return {
+        "harmful": (sample_prompts(harmful_all, n, settings.seed), hsrc),
+        "harmless": (sample_prompts(harmless_all, n, settings.seed), lsrc),
+        "harmful_val": (
+            sample_prompts(data.harmful_val(), settings.n_val, settings.seed),
+            "bundled refusal_direction harmful_val (HarmBench)",
+        ),
+        "harmless_val": (
+            sample_prompts(data.harmless_val(), settings.n_val, settings.seed),
+            "bundled refusal_direction harmless_val (Alpaca)",
+        ),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ base reference
+
+
+@dataclass
+class BaseReference:
+    spec: str
+    key: str
+    dir: Path  # cache folder holding the DirectionResult files and rows.json
+    result: Any  # DirectionResult
+    rows: list[dict]  # drift + separability rows of the base against itself
+
+    @property
+    def unit(self):
+        return self.result.unit
+
+    @property
+    def directions(self):
+        return self.result.directions
+
+
+def base_reference(
+    spec: str, base_dir: Path, settings: AnalyzeSettings, prompts, cache: Path
+) -> BaseReference:
+    """Choose the base model's refusal direction (Arditi et al.) and measure the base, once per base and settings."""
+    from refusal_probe.probe.select import DirectionResult
+
+    key = _key("base", fingerprint(base_dir), settings.key_fields())
+    folder = cache / "base" / f"{_safe(Path(spec).name)}-{key}"
+    if (folder / "rows.json").is_file():
+        return BaseReference(
+            spec, key, folder, DirectionResult.load(folder), read_json(folder / "rows.json")["rows"]
+        )
+
+    from refusal_probe.models.source import load_model
+    from refusal_probe.probe.select import select_direction
+
+    model, tok = load_model(base_dir, device=settings.device)
+    harmful, harmless = _capture_pair(model, tok, prompts, settings, label="base")
+    result = select_direction(
+        model,
+        tok,
+        prompts["harmful"][0],
+        prompts["harmless"][0],
+        prompts["harmful_val"][0],
+        prompts["harmless_val"][0],
+        n_train=None,
+        n_val=None,
+        layer=settings.layer,
+        position=settings.position,
+        batch_size=settings.batch_size,
+        backend=settings.backend,
+        seed=settings.seed,
+        progress=settings.progress,
+        activations=(harmful, harmless),
+        sources={k: v[1] for k, v in prompts.items()},
+    )
+    result.settings["model"] = spec
+    rows = _internal_rows(result.directions, result, harmful, harmless, settings)
+    del model
+    result.save(folder)
+    write_json(folder / "rows.json", {"format": CACHE_FORMAT, "spec": spec, "rows": rows})
+    return BaseReference(spec, key, folder, result, rows)
+
+
+def _capture_pair(model, tok, prompts, settings: AnalyzeSettings, label: str):
+    from refusal_probe.probe.activations import capture
+
+    kw = dict(
+        batch_size=settings.batch_size,
+        keep=settings.separability,
+        backend=settings.backend,
+        progress=settings.progress,
+    )
+    harmful = capture(model, tok, prompts["harmful"][0], desc=f"{label}: harmful", **kw)
+    harmless = capture(model, tok, prompts["harmless"][0], desc=f"{label}: harmless", **kw)
+    return harmful, harmless
+
+
+def _internal_rows(ckpt_dirs, ref_result, harmful, harmless, settings: AnalyzeSettings) -> list[dict]:
+    """Drift (vs the base's directions at the chosen position), direction norms and separability per layer."""
+    import torch
+
+    from refusal_probe.probe.drift import drift_rows, separability_rows
+
+    pos = ref_result.position
+    p = harmful.index(pos)
+    rows = drift_rows(ref_result.directions, ckpt_dirs, ref_result.unit, harmful, harmless, pos)
+    norms = torch.linalg.vector_norm(ckpt_dirs[:, p].to(torch.float64), dim=-1)
+    rows += [{"layer": layer, "metric": "dir_norm", "value": float(v)} for layer, v in enumerate(norms)]
+    if settings.separability:
+        rows += separability_rows(harmful, harmless, pos, seed=settings.seed)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_rows(
+    ckpt: Checkpoint, ref: BaseReference, settings: AnalyzeSettings, prompts
+) -> dict[str, list]:
+    """Drift/separability and weight-delta rows of one fine-tuned checkpoint."""
+    from refusal_probe.models.source import load_model
+    from refusal_probe.probe.drift import directions as diff_of_means
+
+    model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device)
+    harmful, harmless = _capture_pair(model, tok, prompts, settings, label=ckpt.key)
+    del model
+    dirs = diff_of_means(harmful, harmless)
+    if dirs.shape != ref.directions.shape:
+        raise UserError(
+            f"{ckpt.path}: activations have shape {tuple(dirs.shape)} but the base {ref.spec} has "
+            f"{tuple(ref.directions.shape)}; pass the right --base"
+        )
+    drift = _internal_rows(dirs, ref.result, harmful, harmless, settings)
+    deltas: list[dict] = []
+    if settings.deltas:
+        from refusal_probe.models.source import resolve_model_dir
+        from refusal_probe.probe.weights import adapter_deltas, full_deltas
+
+        base_dir = resolve_model_dir(ckpt.base)
+        per_layer = {layer: ref.unit for layer in range(ref.directions.shape[0])}
+        fn = adapter_deltas if ckpt.kind == "adapter" else full_deltas
+        deltas = (
+            fn(ckpt.path, base_dir, per_layer)
+            if ckpt.kind == "adapter"
+            else fn(base_dir, ckpt.path, per_layer)
+        )
+    return {"drift": drift, "deltas": deltas}
+
+
+def _entry_path(cache: Path, ckpt: Checkpoint, ref: BaseReference, settings: AnalyzeSettings) -> Path:
+    key = _key("ckpt", fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind)
+    return cache / "checkpoints" / _safe(ckpt.run) / f"{_safe(ckpt.name)}-{key}.json"
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+
+
+def analyze(
+    root: str | Path,
+    out: str | Path | None = None,
+    base: str | None = None,
+    settings: AnalyzeSettings | None = None,
+    shard: str | None = None,
+    behaviour: str | Path | None = None,
+) -> Path:
+    from tqdm.auto import tqdm
+
+    settings = settings or AnalyzeSettings()
+    root = Path(root)
+    out = Path(out) if out else root / "analysis"
+    shard_ij = parse_shard(shard)
+    ckpts = discover(root, base)
+    prompts = prompt_sets(settings)
+    cache = out / "cache"
+    started = time.time()
+
+    refs: dict[str, BaseReference] = {}
+    for c in ckpts:
+        if c.kind == "base" and c.base not in refs:
+            refs[c.base] = base_reference(c.base, c.path, settings, prompts, cache)
+
+    todo = [c for c in ckpts if c.kind != "base"]
+    if shard_ij:
+        i, n = shard_ij
+        todo = todo[i::n]
+    computed = 0
+    bar = tqdm(todo, desc="checkpoints", unit="ckpt", disable=not settings.progress)
+    for c in bar:
+        bar.set_postfix_str(c.key)
+        path = _entry_path(cache, c, refs[c.base], settings)
+        if path.is_file():
+            continue
+        rows = checkpoint_rows(c, refs[c.base], settings, prompts)
+        write_json(path, {"format": CACHE_FORMAT, "checkpoint": c.key, "path": str(c.path), **rows})
+        computed += 1
+    if shard_ij:
+        print(
+            f"shard {shard}: {computed} checkpoint(s) computed, {len(todo) - computed} cached; "
+            f"run `refusal-probe analyze {root}` without --shard to assemble"
+        )
+        return out
+    return assemble(root, out, ckpts, refs, settings, prompts, behaviour, time.time() - started)
+
+
+def _tag(c: Checkpoint, rows: list[dict]) -> list[dict]:
+    meta = {
+        "run": c.run,
+        "checkpoint": c.name,
+        "method": c.method,
+        "lr": c.lr,
+        "step": c.step,
+        "fraction": c.fraction,
+    }
+    return [{**meta, "module": r.get("module", ""), **r} for r in rows]
+
+
+def load_behaviour(root: Path, behaviour: str | Path | None):
+    import pandas as pd
+
+    path = Path(behaviour) if behaviour else root / "eval" / "behaviour.csv"
+    if not path.is_file():
+        if behaviour:
+            raise UserError(
+                f"{path}: behaviour table not found; run `refusal-probe eval` first or drop --behaviour"
+            )
+        return pd.DataFrame(), None
+    df = pd.read_csv(path)
+    missing = {"run", "step", "metric", "value"} - set(df.columns)
+    if missing:
+        raise UserError(
+            f"{path}: behaviour table lacks columns {sorted(missing)}; use the file `refusal-probe eval` writes"
+        )
+    return df, path
+
+
+def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> Path:
+    """Join cached entries into tables, correlations, plots and the report (no model is loaded here)."""
+    import pandas as pd
+
+    from refusal_probe.analysis import correlate, plots, report, tables
+
+    cache = out / "cache"
+    drift_rows: list[dict] = []
+    delta_rows: list[dict] = []
+    for c in ckpts:
+        ref = refs[c.base]
+        if c.kind == "base":
+            drift_rows += _tag(c, ref.rows)
+            continue
+        path = _entry_path(cache, c, ref, settings)
+        if not path.is_file():
+            raise UserError(
+                f"{c.key}: no cached result at {path}; run analyze without --shard (or the missing shard)"
+            )
+        entry = read_json(path)
+        drift_rows += _tag(c, entry["drift"])
+        delta_rows += _tag(c, entry["deltas"])
+
+    drift = pd.DataFrame(drift_rows)
+    deltas = pd.DataFrame(delta_rows)
+    beh, beh_path = load_behaviour(root, behaviour)
+    beh = _align_behaviour(beh, ckpts)
+
+    written = tables.write_table(drift, out, "drift") + (
+        tables.write_table(deltas, out, "weight_deltas") if len(deltas) else []
+    )
+    if len(beh):
+        written += tables.write_table(beh, out, "behaviour")
+    direction_rows = []
+    for spec, ref in refs.items():
+        cand = ref.result.scores.copy()
+        cand.insert(0, "base", spec)
+        direction_rows.append(cand)
+    candidates = pd.concat(direction_rows, ignore_index=True)
+    written += tables.write_table(candidates, out, "direction_candidates")
+
+    refusal_layer = next(iter(refs.values())).result.layer
+    table = tables.checkpoint_table(drift, deltas, beh, refusal_layer)
+    written += tables.write_table(table, out, "checkpoints")
+    x_cols = [c for c in table.columns if c.startswith(("cos", "proj", "delta", "mean_cos", "total"))]
+    y_cols = [c for c in table.columns if c in ("refusal_rate", "chrf")]
+    corr = correlate.correlate(table, x_cols, y_cols) if y_cols else pd.DataFrame()
+    if len(corr):
+        written += tables.write_table(corr, out, "correlations")
+
+    summary = {
+        "format": "refusal-probe/analysis/1",
+        "tree": str(root),
+        "bases": {
+            spec: {
+                "refusal_layer": ref.result.layer,
+                "refusal_position": ref.result.position,
+                "direction_norm": float(ref.result.direction.norm()),
+                "chosen": ref.result.chosen,
+                "warning": ref.result.warning,
+                "direction_files": str(ref.dir),
+                "selection_settings": ref.result.settings,
+            }
+            for spec, ref in refs.items()
+        },
+        "checkpoints": [
+            {
+                "run": c.run,
+                "checkpoint": c.name,
+                "kind": c.kind,
+                "path": str(c.path),
+                "base": c.base,
+                "method": c.method,
+                "lr": c.lr,
+                "step": c.step,
+                "fraction": c.fraction,
+                "meta_source": c.meta_source,
+            }
+            for c in ckpts
+        ],
+        "settings": settings.key_fields(),
+        "prompts": {k: {"n": len(v[0]), "source": v[1]} for k, v in prompts.items()},
+        "how": {
+            "layer": "residual stream entering decoder block l (resid_pre)",
+            "positions": "post-instruction tokens of the model's own chat template (negative offsets)",
+            "direction": "difference of means, harmful - harmless, float64",
+            "cos_to_base": "cosine of checkpoint's direction with the base's at the same layer and chosen position",
+            "proj_*": "mean projection of activations on the base's chosen unit refusal direction",
+            "probe_acc": "held-out accuracy of a standardised logistic-regression probe (25% test split)",
+            "diffmean_acc": "held-out accuracy of the difference-of-means projection thresholded at the class midpoint",
+            "delta_fro": "Frobenius norm of W_ckpt - W_base (LoRA: from factors, r x r Gram form), float64",
+            "delta_along_refusal": "norm of r_hat^T dW for modules writing to the residual stream (o_proj, down_proj)",
+        },
+        "behaviour": str(beh_path) if beh_path else None,
+        "behaviour_signatures": sorted(set(beh["signature"].dropna())) if "signature" in beh else [],
+        "elapsed_s": round(elapsed, 1),
+        "tables": [p.name for p in written],
+    }
+    figures = plots.plot_all(drift, deltas, beh, table, out, summary) if hasattr(plots, "plot_all") else []
+    summary["figures"] = [str(Path(f).name) for f in figures]
+    write_json(out / "summary.json", _json_safe(summary))
+    report.write_report(out, summary, table, corr, figures)
+    return out
+
+
+def _align_behaviour(beh, ckpts: list[Checkpoint]):
+    """Keep behaviour rows of the runs in this tree; fill method/lr/fraction from the tree where the table lacks them."""
+    import pandas as pd
+
+    if beh is None or not len(beh):
+        return pd.DataFrame()
+    meta = {(c.run, c.step): c for c in ckpts}
+    beh = beh[[(r, s) in meta for r, s in zip(beh["run"], beh["step"], strict=True)]].copy()
+    for col in ("method", "lr", "fraction"):
+        vals = [getattr(meta[(r, s)], col) for r, s in zip(beh["run"], beh["step"], strict=True)]
+        beh[col] = beh[col].where(beh[col].notna(), vals) if col in beh else vals
+    return beh
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,163 @@
+"""`refusal-probe analyze` end to end on a real (tiny) tree: base, full checkpoints, a LoRA adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from refusal_probe.cli import main
+from refusal_probe.models.manifest import RunManifest
+from refusal_probe.models.source import load_model
+
+ARGS = ["--n-prompts", "12", "--n-val", "6", "--batch-size", "6", "--no-progress"]
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "analysis" not in p.parts
+    }
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, tiny_llama) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("analyze") / "ckpt"
+    full = root / "full-lr1e-04"
+    torch.manual_seed(1)
+    model, tok = load_model(tiny_llama)
+    for step in (2, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        model.save_pretrained(full / f"checkpoint-{step}")
+        tok.save_pretrained(full / f"checkpoint-{step}")
+    RunManifest(run="full-lr1e-04", method="full", base_model=str(tiny_llama), learning_rate=1e-4, total_steps=4,
+                checkpoints={2: 0.5, 4: 1.0}, complete=True).save(full)
+
+    lora = root / "lora-lr1e-04"
+    base, _ = load_model(tiny_llama)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(lora / "checkpoint-4")
+    RunManifest(run="lora-lr1e-04", method="lora", base_model=str(tiny_llama), learning_rate=1e-4, total_steps=4,
+                checkpoints={4: 1.0}, complete=True).save(lora)
+    return root
+
+
+@pytest.fixture(scope="module")
+def analysed(tree) -> tuple[Path, dict[str, str]]:
+    before = _tree_digest(tree)
+    assert main(["analyze", str(tree), *ARGS]) == 0
+    return tree / "analysis", before
+
+
+def test_outputs_exist_and_checkpoints_untouched(tree, analysed):
+    out, before = analysed
+    for name in ("drift", "weight_deltas", "checkpoints", "direction_candidates"):
+        assert (out / f"{name}.csv").is_file() and (out / f"{name}.parquet").is_file()
+    assert (out / "summary.json").is_file() and (out / "report.md").is_file()
+    assert list(out.glob("*.png")) and list(out.glob("*.svg"))
+    assert _tree_digest(tree) == before  # nothing under the tree but analysis/ was written
+
+
+def test_tidy_columns_and_base_is_checkpoint_zero(analysed):
+    out, _ = analysed
+    drift = pd.read_csv(out / "drift.csv")
+    for col in ("run", "method", "lr", "step", "fraction", "layer", "module", "metric", "value"):
+        assert col in drift.columns
+    base = drift[(drift["step"] == 0) & (drift["metric"] == "cos_to_base")]
+    assert set(base["run"]) == {"full-lr1e-04", "lora-lr1e-04"}
+    assert base["value"].dropna().between(1 - 1e-9, 1 + 1e-9).all()
+    steps = drift.groupby("run")["step"].unique().to_dict()
+    assert sorted(steps["full-lr1e-04"]) == [0, 2, 4] and sorted(steps["lora-lr1e-04"]) == [0, 4]
+    assert set(drift[drift["run"] == "full-lr1e-04"]["fraction"].unique()) == {0.0, 0.5, 1.0}
+
+
+def test_drift_matches_hand_computation(tiny_llama, tree, analysed):
+    """cos_to_base at every layer recomputed here from the two models' own activations."""
+    from refusal_probe.analysis.run import AnalyzeSettings, prompt_sets
+    from refusal_probe.probe.activations import capture
+
+    out, _ = analysed
+    summary = json.loads((out / "summary.json").read_text())
+    position = summary["bases"][str(tiny_llama)]["refusal_position"]
+    prompts = prompt_sets(AnalyzeSettings(n_prompts=12, n_val=6))
+
+    def dirs(path):
+        model, tok = load_model(path)
+        h = capture(model, tok, prompts["harmful"][0], progress=False).mean
+        b = capture(model, tok, prompts["harmless"][0], progress=False).mean
+        return (h - b)[:, position]
+
+    base, ckpt = dirs(tiny_llama), dirs(tree / "full-lr1e-04" / "checkpoint-2")
+    expected = (base * ckpt).sum(-1) / (base.norm(dim=-1) * ckpt.norm(dim=-1))
+    drift = pd.read_csv(out / "drift.csv")
+    got = drift[(drift["run"] == "full-lr1e-04") & (drift["step"] == 2) & (drift["metric"] == "cos_to_base")]
+    got = got.sort_values("layer")["value"].to_numpy()
+    finite = torch.isfinite(expected)
+    assert torch.allclose(torch.tensor(got)[finite], expected[finite], atol=1e-6)
+
+
+def test_weight_deltas_match_dense_computation(tiny_llama, tree, analysed):
+    out, _ = analysed
+    deltas = pd.read_csv(out / "weight_deltas.csv")
+    base, _ = load_model(tiny_llama)
+    full, _ = load_model(tree / "full-lr1e-04" / "checkpoint-4")
+    name = "model.layers.1.mlp.down_proj.weight"
+    dense = (full.state_dict()[name].double() - base.state_dict()[name].double()).norm().item()
+    row = deltas[(deltas["run"] == "full-lr1e-04") & (deltas["step"] == 4) & (deltas["layer"] == 1)
+                 & (deltas["module"] == "mlp.down_proj") & (deltas["metric"] == "delta_fro")]
+    assert row["value"].item() == pytest.approx(dense, rel=1e-6)
+
+    lora, _ = load_model(tree / "lora-lr1e-04" / "checkpoint-4")
+    merged = lora.merge_and_unload()
+    name = "model.layers.2.self_attn.o_proj.weight"
+    dense = (merged.state_dict()[name].double() - base.state_dict()[name].double()).norm().item()
+    row = deltas[(deltas["run"] == "lora-lr1e-04") & (deltas["layer"] == 2)
+                 & (deltas["module"] == "self_attn.o_proj") & (deltas["metric"] == "delta_fro")]
+    assert row["value"].item() == pytest.approx(dense, rel=1e-6)
+
+
+def test_rerun_recomputes_only_what_changed(tree, analysed, tiny_llama):
+    out, _ = analysed
+    entries = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
+    assert main(["analyze", str(tree), *ARGS]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == entries  # all cached
+
+    # a sharded pass into a new output, then the plain run assembles without computing anything new
+    out2 = tree.parent / "sharded"
+    for i in range(2):
+        assert main(["analyze", str(tree), "--out", str(out2), "--shard", f"{i}/2", *ARGS]) == 0
+    sharded = {p: p.stat().st_mtime_ns for p in (out2 / "cache").rglob("*.json")}
+    assert len(sharded) == len(entries)
+    assert main(["analyze", str(tree), "--out", str(out2), *ARGS]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out2 / "cache").rglob("*.json")} == sharded
+    assert (out2 / "drift.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["analyze", "/nonexistent/ckpt"], "no such file"),
+        (["analyze", "{tree}", "--harmful", "{empty}"], "holds no prompts"),
+        (["analyze", "{tree}", "--shard", "3/2"], "--shard"),
+    ],
+)
+def test_bad_input_is_one_line_error(tree, tmp_path, capsys, argv, fragment):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    argv = [a.format(tree=tree, empty=empty) for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "o"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and "Traceback" not in err
