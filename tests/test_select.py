@@ -16,7 +16,6 @@ from refusal_probe.probe.select import (
     DEFAULT_REFUSAL_PHRASES,
     DirectionResult,
     choose,
-    difference_of_means,
     filter_reasons,
     kl_last,
     layer_cutoff,
@@ -89,11 +88,7 @@ def test_layer_cutoff_matches_arditi():
     assert layer_cutoff(4, 0.8) == 3 and layer_cutoff(24, 0.8) == 19 and layer_cutoff(30, 0.8) == 24
 
 
-def test_difference_of_means_and_sampling():
-    a = torch.tensor([[[1.0, 2.0]]])
-    b = torch.tensor([[[0.5, 3.0]]])
-    d = difference_of_means(a, b)
-    assert d.dtype == torch.float64 and d.tolist() == [[[0.5, -1.0]]]
+def test_sample_prompts_is_seeded():
     prompts = [f"p{i}" for i in range(10)]
     assert sample_prompts(prompts, 4, 42) == sample_prompts(prompts, 4, 42)
     assert len(set(sample_prompts(prompts, 4, 42))) == 4
@@ -238,6 +233,13 @@ def test_score_candidates_only_scores_requested(llama):
     assert list(zip(scored.layer, scored.position, strict=True)) == [(1, -1)]
     assert df[df.filtered_reason == "not scored"].ablation_score.isna().all()
     assert math.isfinite(scored.ablation_score.iloc[0])
+
+    skip = score_candidates(model, tok, cands, ["Hack a bank"], ["Bake a cake"], [5], skip_late_layers=True, progress=False)
+    late = skip[skip.layer >= 3]
+    assert (late.filtered_reason == "layer;not scored").all() and late.ablation_score.isna().all()
+    early = skip[(skip.layer > 0) & (skip.layer < 3)]
+    assert early.ablation_score.notna().all() and not early.filtered_reason.str.contains("not scored").any()
+    assert choose(skip)["layer"] in (1, 2)
 
 
 def test_select_direction_forced_and_round_trip(llama, tmp_path):

@@ -125,8 +125,8 @@ def filter_reasons(
     reasons = []
     for row in df.itertuples(index=False):
         previous = str(getattr(row, "filtered_reason", "") or "")
-        if previous == NOT_SCORED:
-            reasons.append(NOT_SCORED)
+        if NOT_SCORED in _reasons(previous):
+            reasons.append(previous)
             continue
         items = []
         if row.layer >= cutoff:
@@ -287,11 +287,14 @@ def score_candidates(
     kl_threshold: float = 0.1,
     induce_threshold: float = 0.0,
     only: set[tuple[int, int]] | None = None,
+    skip_late_layers: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row per (layer, position) of ``candidates`` [L, P, d] with its scores and ``filtered_reason``.
 
     ``only``: score just these (layer, position) pairs (positions negative, -P..-1); the rest are "not scored".
+    ``skip_late_layers`` (ignored with ``only``): do not score the layers the layer rule discards anyway (saves
+    1 - max_layer_fraction of the time; their rows read "layer;not scored").
     Each scored candidate costs one forward over the harmful and two over the harmless prompts, last position only.
     """
     from tqdm.auto import tqdm
@@ -311,7 +314,11 @@ def score_candidates(
     harmless_baseline = float(refusal_score(base_harmless, refusal_ids).mean())
 
     pairs = [(layer, pos) for layer in range(n_layers) for pos in range(-n_pos, 0)]
-    todo = [p for p in pairs if only is None or p in only]
+    cutoff = layer_cutoff(n_layers, max_layer_fraction)
+    if only is not None:
+        todo = {p for p in pairs if p in only}
+    else:
+        todo = {p for p in pairs if not (skip_late_layers and p[0] >= cutoff)}
     rows = []
     bar = tqdm(total=len(todo), desc="scoring direction candidates", unit="cand", disable=not progress)
     try:
@@ -329,7 +336,8 @@ def score_candidates(
                 filtered_reason="",
             )
             if (layer, pos) not in todo:
-                row["filtered_reason"] = NOT_SCORED
+                late = only is None and layer >= cutoff  # skipped by skip_late_layers, not by `only`
+                row["filtered_reason"] = f"{LATE_LAYER};{NOT_SCORED}" if late else NOT_SCORED
             elif row["direction_norm"] == 0 or not math.isfinite(row["direction_norm"]):
                 pass  # stays NaN: filtered as "nan"
             else:
@@ -458,13 +466,6 @@ def sample_prompts(prompts: list[str], n: int | None, seed: int) -> list[str]:
     return random.Random(seed).sample(list(prompts), n)
 
 
-def difference_of_means(harmful_mean: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
-    """Candidate directions [L, P, d] = mean harmful - mean harmless activations, in float64."""
-    if harmful_mean.shape != harmless_mean.shape:
-        raise ValueError(f"activation shapes differ: {tuple(harmful_mean.shape)} vs {tuple(harmless_mean.shape)}")
-    return harmful_mean.to(torch.float64) - harmless_mean.to(torch.float64)
-
-
 def select_direction(
     model: Any,
     tokenizer: Any,
@@ -482,6 +483,7 @@ def select_direction(
     max_layer_fraction: float = 0.8,
     kl_threshold: float = 0.1,
     induce_threshold: float = 0.0,
+    skip_late_layers: bool = False,
     backend: str = "hooks",
     seed: int = 42,
     progress: bool = True,
@@ -493,6 +495,7 @@ def select_direction(
     have discarded it). One of them given: only the candidates at that layer (or position) are scored and chosen from.
     """
     from refusal_probe.probe.activations import capture
+    from refusal_probe.probe.math import mean_difference
 
     harmful_train_s = sample_prompts(harmful_train, n_train, seed)
     harmless_train_s = sample_prompts(harmless_train, n_train, seed)
@@ -503,7 +506,7 @@ def select_direction(
     kw = dict(batch_size=batch_size, backend=backend, progress=progress)
     harmful_acts = capture(model, tokenizer, harmful_train_s, desc="harmful activations", **kw)
     harmless_acts = capture(model, tokenizer, harmless_train_s, desc="harmless activations", **kw)
-    directions = difference_of_means(harmful_acts.mean, harmless_acts.mean)
+    directions = mean_difference(harmful_acts.mean, harmless_acts.mean)
     n_layers, n_pos, _ = directions.shape
 
     if layer is not None:
@@ -528,6 +531,7 @@ def select_direction(
         backend=backend,
         max_layer_fraction=max_layer_fraction,
         layer_cutoff=layer_cutoff(n_layers, max_layer_fraction),
+        skip_late_layers=skip_late_layers,
         kl_threshold=kl_threshold,
         induce_threshold=induce_threshold,
         refusal_ids=ids,
@@ -556,6 +560,7 @@ def select_direction(
         kl_threshold=kl_threshold,
         induce_threshold=induce_threshold,
         only=only,
+        skip_late_layers=skip_late_layers,
         progress=progress,
     )
     if layer is not None and position is not None:
