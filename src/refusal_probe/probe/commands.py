@@ -16,6 +16,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 TOP_N = 5
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to option help, unless the help already names its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the probe area's subcommands."""
     _register_directions(sub)
@@ -24,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _register_directions(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "directions",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         help="find a model's refusal direction (Arditi et al. 2024) and check that it mediates refusal",
         description=(
             "Difference-of-means refusal directions at every layer and post-instruction position, scored on held-out "
