@@ -1,0 +1,225 @@
+"""Tidy tables on disk, and the wide one-row-per-checkpoint table that correlation, plots and report share.
+
+Tidy (long) frames hold one number per row; ``write_table`` fixes their column order and row order so that two
+runs over the same inputs produce byte-identical files (diffable, cacheable).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from refusal_probe.errors import UserError, require
+from refusal_probe.io import atomic_write
+
+TIDY_COLUMNS = ("run", "method", "lr", "step", "fraction", "layer", "module", "metric", "value")
+CHECKPOINT_KEYS = ("run", "method", "lr", "step", "fraction")
+# Row order of tidy tables: the checkpoint (run, step), then where in the model, then what.
+SORT_KEYS = ("run", "step", "layer", "module", "metric")
+
+# Columns of ``checkpoint_table`` and how each number is computed (the report prints these verbatim).
+COLUMN_DOCS: dict[str, str] = {
+    "run": "run name (run folder or run.json)",
+    "method": "training method from run.json or the checkpoint (full, lora, qlora, dpo; empty = unknown)",
+    "lr": "learning rate of the run",
+    "step": "optimizer step of the checkpoint (0 = the base model)",
+    "fraction": "fraction of the run's training done at this checkpoint (0 = base, 1 = end)",
+    "refusal_layer": "layer whose base-model refusal direction was chosen for this run's base",
+    "cos_to_base_at_rl": "cosine between this checkpoint's difference-of-means direction and the base model's, "
+    "at the refusal layer (1 = unchanged)",
+    "proj_gap_at_rl": "mean projection of harmful minus harmless activations on the base model's unit refusal "
+    "direction, at the refusal layer (the refusal signal)",
+    "mean_cos_to_base": "cos_to_base averaged over all layers (unweighted mean)",
+    "delta_fro_total": "||W_ckpt - W_base||_F over all transformer-block weight matrices: sqrt of the sum of "
+    "squared per-module delta_fro (0 for the base by definition)",
+    "delta_along_refusal_total": "sqrt of the sum over residual-writing modules (o_proj, down_proj) of "
+    "||r_hat^T dW||^2: how much the weight change writes along the refusal direction (0 for the base)",
+    "refusal_rate": "share of harmful prompts judged refused (see judge signature)",
+    "chrf": "sacrebleu chrF of translations against references (see metric signature)",
+    "xstest_refusal_rate": "share of XSTest safe prompts refused (over-refusal)",
+    "label_refusal": "share of harmful-prompt responses labelled refusal",
+    "label_comply": "share of harmful-prompt responses labelled comply",
+    "label_echo": "share of harmful-prompt responses labelled echo (repeats or translates the prompt)",
+    "label_degenerate": "share of harmful-prompt responses labelled degenerate (empty, repetitive)",
+}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def canonical_order(df: pd.DataFrame) -> pd.DataFrame:
+    """Canonical columns first (those present), extra columns after them in their given order, rows sorted stably."""
+    first = [c for c in TIDY_COLUMNS if c in df.columns]
+    rest = [c for c in df.columns if c not in TIDY_COLUMNS]
+    out = df.loc[:, first + rest].copy()
+    for col in ("step", "layer"):
+        if col in out.columns and _integral(out[col]):
+            out[col] = out[col].astype("Int64")
+    keys = [c for c in SORT_KEYS if c in out.columns]
+    if keys:
+        out = out.sort_values(keys, kind="mergesort", na_position="last")
+    return out.reset_index(drop=True)
+
+
+def _integral(s: pd.Series) -> bool:
+    if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+        return False
+    vals = s.dropna().to_numpy(dtype=np.float64)
+    return bool(np.all(np.isfinite(vals)) and np.all(vals == np.round(vals)))
+
+
+def write_table(df: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
+    """Write ``<name>.csv`` and ``<name>.parquet`` atomically, in canonical column and row order."""
+    require(bool(_NAME_RE.match(name)), f"table name {name!r}: use letters, digits, '_', '-', '.' only")
+    require(
+        isinstance(df, pd.DataFrame), f"table {name}: expected a pandas DataFrame, got {type(df).__name__}"
+    )
+    out = canonical_order(df)
+    out_dir = Path(out_dir)
+    csv = atomic_write(out_dir / f"{name}.csv", lambda p: out.to_csv(p, index=False))
+    parquet = atomic_write(out_dir / f"{name}.parquet", lambda p: out.to_parquet(p, index=False))
+    return [csv, parquet]
+
+
+def _frames(*frames: pd.DataFrame | None) -> list[pd.DataFrame]:
+    return [f for f in frames if f is not None and len(f)]
+
+
+def _require_columns(df: pd.DataFrame, what: str, cols: Iterable[str]) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise UserError(f"{what} table lacks column(s) {', '.join(missing)}; expected {', '.join(cols)}")
+
+
+def _layer_for_runs(runs: Iterable[str], refusal_layer: int | Mapping[str, int] | None) -> dict[str, float]:
+    if refusal_layer is None:
+        return {r: np.nan for r in runs}
+    if isinstance(refusal_layer, Mapping):
+        return {r: float(refusal_layer[r]) if refusal_layer.get(r) is not None else np.nan for r in runs}
+    return {r: float(refusal_layer) for r in runs}
+
+
+def _per_checkpoint(s: pd.DataFrame, name: str) -> pd.DataFrame:
+    return s.rename(columns={"value": name})[["run", "step", name]]
+
+
+def refusal_layer_by_run(summary: Mapping | None, runs: Iterable[str]) -> dict[str, int | None]:
+    """The chosen refusal layer of each run's base, read from the analysis summary (None where it does not say).
+
+    Looks, in order, at ``summary["runs"][run]["refusal_layer"]``, at ``summary["bases"][base]["refusal_layer"]``
+    with ``base = summary["runs"][run]["base"]``, at the only base when there is one, then ``summary["refusal_layer"]``.
+    """
+    summary = summary or {}
+    bases = summary_bases(summary)
+    run_info = summary.get("runs") or {}
+    out: dict[str, int | None] = {}
+    for run in runs:
+        info = run_info.get(run) if isinstance(run_info, Mapping) else None
+        info = info if isinstance(info, Mapping) else {"base": info} if isinstance(info, str) else {}
+        layer = info.get("refusal_layer")
+        if layer is None and info.get("base") in bases:
+            layer = bases[info["base"]].get("refusal_layer")
+        if layer is None and len(bases) == 1:
+            layer = next(iter(bases.values())).get("refusal_layer")
+        if layer is None:
+            layer = summary.get("refusal_layer")
+        out[run] = int(layer) if layer is not None else None
+    return out
+
+
+def summary_bases(summary: Mapping | None) -> dict[str, dict]:
+    """``summary["bases"]`` as {base spec: info dict}, accepting a dict or a list of dicts with "spec"/"model"."""
+    raw = (summary or {}).get("bases") or {}
+    if isinstance(raw, Mapping):
+        return {str(k): dict(v) if isinstance(v, Mapping) else {"value": v} for k, v in raw.items()}
+    out = {}
+    for item in raw:
+        if isinstance(item, Mapping):
+            spec = item.get("spec") or item.get("model") or item.get("base") or f"base-{len(out)}"
+            out[str(spec)] = dict(item)
+        else:
+            out[str(item)] = {}
+    return out
+
+
+def checkpoint_table(
+    drift: pd.DataFrame | None,
+    deltas: pd.DataFrame | None,
+    behaviour: pd.DataFrame | None,
+    refusal_layer: int | Mapping[str, int] | None,
+) -> pd.DataFrame:
+    """One wide row per checkpoint (run, step) joining drift at the refusal layer, weight-change totals, behaviour.
+
+    ``refusal_layer`` is one layer for every run or a mapping run -> layer (runs over different bases).
+    Column meanings are in ``COLUMN_DOCS``. Missing inputs leave their columns out (deltas, behaviour) or NaN.
+    """
+    present = _frames(drift, deltas, behaviour)
+    require(bool(present), "nothing to tabulate: the drift, deltas and behaviour tables are all empty")
+    for what, df in (("drift", drift), ("deltas", deltas)):
+        if df is not None and len(df):
+            _require_columns(df, what, (*CHECKPOINT_KEYS, "layer", "metric", "value"))
+    if behaviour is not None and len(behaviour):
+        _require_columns(behaviour, "behaviour", (*CHECKPOINT_KEYS, "metric", "value"))
+
+    ids = pd.concat([f.loc[:, list(CHECKPOINT_KEYS)] for f in present], ignore_index=True)
+    ids["method"] = ids["method"].astype(object).where(ids["method"].notna(), None)
+    table = (
+        ids.groupby(["run", "step"], dropna=False, sort=True)
+        .agg(method=("method", "first"), lr=("lr", "first"), fraction=("fraction", "first"))
+        .reset_index()
+    )
+    table = table.loc[:, list(CHECKPOINT_KEYS)]
+    layers = _layer_for_runs(table["run"].unique(), refusal_layer)
+    table["refusal_layer"] = table["run"].map(layers).astype(float)
+
+    if drift is not None and len(drift):
+        d = drift.assign(layer=drift["layer"].astype(float), value=drift["value"].astype(np.float64))
+        for run, layer in layers.items():
+            have = d.loc[d["run"] == run, "layer"].unique()
+            if np.isfinite(layer) and len(have) and layer not in have:
+                raise UserError(
+                    f"refusal layer {int(layer)} for run {run} is not among the drift layers "
+                    f"{int(np.nanmin(have))}..{int(np.nanmax(have))}; pass a layer that was probed"
+                )
+        at_rl = d[d["layer"] == d["run"].map(layers)]
+        for metric in ("cos_to_base", "proj_gap"):
+            rows = at_rl[at_rl["metric"] == metric].groupby(["run", "step"], dropna=False)["value"].mean()
+            table = table.merge(_per_checkpoint(rows.reset_index(), f"{metric}_at_rl"), how="left")
+        cos = d[d["metric"] == "cos_to_base"].groupby(["run", "step"], dropna=False)["value"].mean()
+        table = table.merge(_per_checkpoint(cos.reset_index(), "mean_cos_to_base"), how="left")
+
+    if deltas is not None and len(deltas):
+        w = deltas[deltas["layer"].astype(float) >= 0]
+        for metric, col in (
+            ("delta_fro", "delta_fro_total"),
+            ("delta_along_refusal", "delta_along_refusal_total"),
+        ):
+            sel = w[w["metric"] == metric]
+            if not len(sel):
+                continue
+            sq = (sel["value"].astype(np.float64) ** 2).groupby([sel["run"], sel["step"]], dropna=False).sum()
+            table = table.merge(_per_checkpoint(np.sqrt(sq).reset_index(), col), how="left")
+            base = table["step"] == 0
+            table.loc[base, col] = table.loc[base, col].fillna(0.0)
+
+    if behaviour is not None and len(behaviour):
+        b = behaviour.loc[:, ["run", "step", "metric", "value"]].drop_duplicates()
+        dup = b.duplicated(["run", "step", "metric"], keep=False)
+        if dup.any():
+            r = b[dup].iloc[0]
+            raise UserError(
+                f"behaviour table has conflicting values for run {r['run']} step {r['step']} metric {r['metric']}; "
+                "re-run `refusal-probe eval` or remove the stale rows"
+            )
+        wide = (
+            b.set_index(["run", "step", "metric"])["value"].astype(np.float64).unstack("metric").reset_index()
+        )
+        wide.columns.name = None
+        order = [m for m in ("refusal_rate", "chrf", "xstest_refusal_rate") if m in wide.columns]
+        order += sorted(c for c in wide.columns if c not in ("run", "step", *order))
+        table = table.merge(wide.loc[:, ["run", "step", *order]], how="left", on=["run", "step"])
+
+    return table.sort_values(["run", "step"], kind="mergesort", na_position="last").reset_index(drop=True)
