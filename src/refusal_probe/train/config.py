@@ -1,0 +1,392 @@
+"""TrainConfig: every training setting, typed, with its help text as the documentation.
+
+One source of truth for three surfaces: the dataclass (Python), TOML files (``refusal-probe train --config``,
+``refusal-probe sweep``) and CLI flags (``--learning-rate 1e-4``). Defaults follow Kempermann & Ramackers (2025):
+effective batch 8, one epoch, cosine schedule with 10% warmup, weight decay 0.1, LoRA r=8 alpha=32 dropout=0.1,
+QLoRA NF4 with double quantisation, DPO beta=0.1 with the sigmoid loss, checkpoints at 25/50/75/100% of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from refusal_probe.errors import UserError
+from refusal_probe.models.manifest import METHODS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+LORA_PRESETS: dict[str, list[str]] = {
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # The study's QLoRA script adapted every projection of the block.
+    "qlora-all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+KNOWN_LANGS = ("de", "fr", "es", "it", "pt", "nl")
+
+# Settings that change how a run executes but not what it learns: a run may resume with different values.
+EXECUTION_ONLY = frozenset(
+    {"device", "bf16", "gradient_checkpointing", "logging_steps", "keep_optimizer", "per_device_batch_size",
+     "grad_accum", "run_name"}
+)
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # What to train
+    method: str = _opt("lora", "Fine-tuning method: full | lora | qlora | dpo (full-parameter DPO unless --dpo-lora).",
+                       METHODS)
+    model: str = _opt("qwen2.5-coder-0.5b-instruct",
+                      "Base model: hub id, local HF directory, .gguf file or embedded name.")
+    run_name: str | None = _opt(None, "Run folder name under --out (default '<method>-lr<learning_rate>').")
+
+    # Optimisation
+    learning_rate: float = _opt(5e-5, "Peak learning rate (the study swept 1e-4, 5e-5, 1e-5, 5e-6).")
+    epochs: float = _opt(1.0, "Passes over the training data (the study: one epoch).")
+    max_steps: int | None = _opt(None, "Cap on optimizer steps; training stops at min(max_steps, steps of --epochs).")
+    per_device_batch_size: int = _opt(8, "Sequences per forward pass on each device.")
+    grad_accum: int = _opt(1, "Gradient accumulation steps; effective batch = per-device batch x grad_accum x devices "
+                              "(the study: 8).")
+    lr_scheduler: str = _opt("cosine", "Learning-rate schedule (any transformers SchedulerType, e.g. cosine, linear, "
+                                       "constant_with_warmup).")
+    warmup_ratio: float = _opt(0.1, "Fraction of the steps spent warming the learning rate up linearly from 0.")
+    weight_decay: float = _opt(0.1, "AdamW weight decay.")
+    optim: str = _opt("adamw_torch", "Optimizer name as transformers knows it (the study: adamw_torch; "
+                                     "paged_adamw_8bit needs CUDA).")
+    seed: int = _opt(42, "Seed for data order, LoRA initialisation and dropout.")
+    max_length: int = _opt(512, "Longest training sequence in tokens (prompt + answer); longer ones are cut.")
+    dtype: str = _opt("float32", "Weight dtype of the trained model. float32 keeps small updates exact; the study "
+                                 "loaded bfloat16 weights.", ("float32", "bfloat16"))
+
+    # LoRA / QLoRA
+    lora_r: int = _opt(8, "LoRA rank.")
+    lora_alpha: int = _opt(32, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _opt(0.1, "Dropout on the LoRA input.")
+    lora_targets: list[str] = _opt(list(LORA_PRESETS["attn"]),
+                                   "Modules to adapt, comma-separated, or a preset: attn (q,k,v,o; the default), "
+                                   "qlora-all (q,k,v,o,gate,up,down: the study's QLoRA), or peft's all-linear.")
+    qlora_quant_type: str = _opt("nf4", "4-bit quantisation of the QLoRA base.", ("nf4", "fp4"))
+    qlora_double_quant: bool = _opt(True, "Quantise the quantisation constants too (QLoRA double quantisation).")
+
+    # DPO
+    dpo_beta: float = _opt(0.1, "DPO beta: strength of the pull toward the reference model.")
+    dpo_loss: str = _opt("sigmoid", "DPO loss type (TRL names: sigmoid, hinge, ipo, ...).")
+    dpo_lora: bool = _opt(False, "Train DPO through a LoRA adapter instead of all parameters (the study: all).")
+    dpo_pairs: str = _opt("auto", "Preference pairs: wmt (bundled WMT22/23 de-en system outputs, best vs worst chrF), "
+                                  "on-policy (reference vs the base model's own greedy translation), auto (the "
+                                  "dataset's own pairs for mt-pref, else wmt).", ("auto", "wmt", "on-policy"))
+
+    # Checkpoints
+    checkpoint_fractions: list[float] = _opt([0.25, 0.5, 0.75, 1.0],
+                                             "Save a checkpoint at these fractions of the total steps.")
+    keep_optimizer: str = _opt("resume", "Optimizer state to keep: resume (only the newest checkpoint's, enough to "
+                                         "resume; deleted when the run completes) or all.", ("resume", "all"))
+
+    # Data
+    train_data: str = _opt("ntrex", "Translation data: ntrex (bundled NTREX-128, offline, split by document) or "
+                                    "mt-pref (sardinelab/MT-pref from the hub, filtered as the study did).",
+                           ("ntrex", "mt-pref"))
+    langs: list[str] = _opt(["de", "fr", "es", "it", "pt"], "Source languages (X->English), comma-separated.")
+    include_nl: bool = _opt(False, "mt-pref only: also keep Dutch, which the study's Latin-script filter let through.")
+    n_train: int | None = _opt(None, "Use only this many training rows (balanced across languages); default all.")
+    completion_only_loss: bool = _opt(True, "Loss on the answer tokens only (the study's full fine-tuning did this; "
+                                            "its LoRA/QLoRA scripts trained on the whole chat).")
+    prompt_format: str = _opt("seed", "User turn: seed (the raw source text, as in the study) or instructed "
+                                      "('Translate the following <Language> text to English: ...').",
+                              ("seed", "instructed"))
+
+    # Hardware
+    device: str = _opt("auto", "Where to train: auto (cuda if available), cpu or cuda.", ("auto", "cpu", "cuda"))
+    bf16: bool | None = _opt(None, "bfloat16 mixed precision; default on where CUDA supports it. Forced off on CPU.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory. Forced off on CPU.")
+    logging_steps: int = _opt(1, "Log the loss every this many steps.")
+
+    # ---- derived ----
+    @property
+    def name(self) -> str:
+        return self.run_name or default_run_name(self.method, self.learning_rate)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_batch_size * self.grad_accum
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora") or (self.method == "dpo" and self.dpo_lora)
+
+    def lora_modules(self) -> list[str] | str:
+        if len(self.lora_targets) == 1 and self.lora_targets[0] in LORA_PRESETS:
+            return list(LORA_PRESETS[self.lora_targets[0]])
+        if self.lora_targets == ["all-linear"]:
+            return "all-linear"
+        return list(self.lora_targets)
+
+    def validate(self) -> TrainConfig:
+        """Raise UserError naming the first bad value; return self for chaining."""
+        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
+        _check(self.epochs > 0, "epochs", self.epochs, "a positive number")
+        _check(self.max_steps is None or self.max_steps > 0, "max_steps", self.max_steps, "a positive integer")
+        _check(self.per_device_batch_size > 0, "per_device_batch_size", self.per_device_batch_size, "a positive integer")
+        _check(self.grad_accum > 0, "grad_accum", self.grad_accum, "a positive integer")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _check(self.max_length >= 8, "max_length", self.max_length, "at least 8 tokens")
+        _check(self.lora_r > 0, "lora_r", self.lora_r, "a positive integer")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+        _check(bool(self.lora_targets), "lora_targets", self.lora_targets, "at least one module name or a preset")
+        _check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "a positive number")
+        fr = self.checkpoint_fractions
+        _check(bool(fr) and all(0 < f <= 1 for f in fr), "checkpoint_fractions", fr, "values in (0, 1]")
+        _check(self.n_train is None or self.n_train > 0, "n_train", self.n_train, "a positive integer")
+        bad = [lang for lang in self.langs if lang not in KNOWN_LANGS]
+        _check(not bad and bool(self.langs), "langs", self.langs, f"codes from {', '.join(KNOWN_LANGS)}")
+        _check(self.run_name is None or ("/" not in self.run_name and not self.run_name.startswith(".")),
+               "run_name", self.run_name, "a plain folder name")
+        for key in ("dtype", "qlora_quant_type", "dpo_pairs", "keep_optimizer", "train_data", "prompt_format"):
+            choices = _FIELDS[key].metadata["choices"]
+            _check(getattr(self, key) in choices, key, getattr(self, key), f"one of {', '.join(choices)}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device,
+               "auto, cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES; several GPUs: accelerate launch)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        """The config as TOML (None values are written as comments: TOML has no null)."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Build from plain values (TOML or CLI strings), coercing each to its field's type."""
+        cfg = cls()
+        for key, raw in values.items():
+            key = key.replace("-", "_")
+            if key not in _FIELDS:
+                near = difflib.get_close_matches(key, list(_FIELDS), n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else f"; known settings: {', '.join(_FIELDS)}"
+                raise UserError(f"{where}: unknown training setting '{key}'{hint}")
+            setattr(cfg, key, coerce(key, raw, where))
+        return cfg
+
+
+_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def default_run_name(method: str, learning_rate: float) -> str:
+    """'<method>-lr<lr>' with Python's float spelling (lora-lr5e-05, full-lr0.0001), as the study named its runs."""
+    return f"{method}-lr{float(learning_rate)!r}"
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise UserError(f"training setting {key}={value!r} is invalid; expected {expected} (--{key.replace('_', '-')})")
+
+
+def field_names() -> list[str]:
+    return list(_FIELDS)
+
+
+def field_help(key: str) -> str:
+    return _FIELDS[key].metadata["help"]
+
+
+def _base_type(key: str) -> tuple[type, bool]:
+    """(the non-None type of field ``key``, whether None is allowed)."""
+    hint = _HINTS[key]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], len(non_none) < len(args)
+    return hint, False
+
+
+def coerce(key: str, raw: Any, where: str = "config") -> Any:
+    """``raw`` (a TOML value or a CLI string) as the type of field ``key``; UserError naming it if it does not fit."""
+    typ, nullable = _base_type(key)
+    try:
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "") and nullable):
+            if not nullable:
+                raise ValueError("may not be empty")
+            return None
+        if typing.get_origin(typ) is list:
+            (item,) = typing.get_args(typ)
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return [_scalar(item, x.strip() if isinstance(x, str) else x) for x in items if str(x).strip()]
+        return _scalar(typ, raw)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: {key}={raw!r} is not a valid {_type_name(typ)} ({exc})") from None
+
+
+def _scalar(typ: type, raw: Any) -> Any:
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if typ is int:
+        if isinstance(raw, float) and not raw.is_integer():
+            raise ValueError("expected a whole number")
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        return int(raw) if not isinstance(raw, str) else int(float(raw)) if "e" in raw.lower() else int(raw)
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        return float(raw)
+    if typ is str:
+        if not isinstance(raw, str | int | float):
+            raise ValueError("expected text")
+        return str(raw)
+    raise TypeError(f"unsupported type {typ}")
+
+
+def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is list:
+        return f"list of {typing.get_args(typ)[0].__name__}"
+    return getattr(typ, "__name__", str(typ))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+# ---- TOML files ----
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass an existing .toml file")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
+
+
+def config_values(doc: dict[str, Any], method: str | None, where: str) -> dict[str, Any]:
+    """Training settings from a TOML document: top-level keys or a [base] table, then [per_method.<method>].
+
+    A sweep file (with [sweep]/[grid]/[base]) is also a valid --config for one run: its [grid] is ignored.
+    """
+    values = dict(doc.get("base", {}))
+    values.update({k: v for k, v in doc.items() if k not in ("base", "grid", "per_method", "sweep")})
+    method = method or values.get("method") or TrainConfig.method
+    per_method = doc.get("per_method", {})
+    if not isinstance(per_method, dict) or any(not isinstance(v, dict) for v in per_method.values()):
+        raise UserError(f"{where}: [per_method.<method>] must be tables of settings")
+    unknown = [m for m in per_method if m not in METHODS]
+    if unknown:
+        raise UserError(f"{where}: [per_method.{unknown[0]}] names no method; use one of {', '.join(METHODS)}")
+    values.update(per_method.get(method, {}))
+    return values
+
+
+# ---- CLI flags ----
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--learning-rate ...), help from the field; unset flags stay out of args."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        group_name = _group(f.name)
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = "--" + f.name.replace("_", "-")
+        typ, _ = _base_type(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{f.metadata['help']} [default: {shown}]"
+        kw: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+        if typ is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        metavar = {int: "N", float: "X"}.get(typ) or ("A,B,..." if typing.get_origin(typ) is list
+                                                      else f.name.split("_")[-1].upper())
+        group.add_argument(flag, metavar=None if "choices" in kw else metavar, **kw)
+
+
+def _group(name: str) -> str:
+    if name.startswith(("lora", "qlora")):
+        return "LoRA / QLoRA"
+    if name.startswith("dpo"):
+        return "DPO"
+    if name in ("checkpoint_fractions", "keep_optimizer"):
+        return "checkpoints"
+    if name in ("train_data", "langs", "include_nl", "n_train", "prompt_format", "completion_only_loss"):
+        return "data"
+    if name in ("device", "bf16", "gradient_checkpointing", "logging_steps"):
+        return "hardware"
+    if name in ("method", "model", "run_name"):
+        return "run"
+    return "optimisation"
+
+
+def cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The training settings given explicitly on the command line."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+
+
+def build_config(config_file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:
+    """Defaults <- TOML file (base, then its per_method table) <- CLI flags; validated."""
+    values: dict[str, Any] = {}
+    where = "command line"
+    if config_file is not None:
+        doc = read_toml(config_file)
+        method = flags.get("method")
+        values = config_values(doc, str(method) if method else None, str(config_file))
+        cfg = TrainConfig.from_dict(values, where=str(config_file))
+        values = {k: getattr(cfg, k) for k in values}
+    values.update({k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in flags.items()})
+    return TrainConfig.from_dict(values, where=where).validate()
+
+
+def to_flags(values: dict[str, Any]) -> list[str]:
+    """CLI flags that set ``values`` (the inverse of add_arguments), for printed commands."""
+    out: list[str] = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif value is None:
+            out += [flag, "none"]
+        elif isinstance(value, list):
+            out += [flag, ",".join(str(v) for v in value)]
+        elif isinstance(value, float):
+            out += [flag, repr(value)]
+        else:
+            out += [flag, str(value)]
+    return out
