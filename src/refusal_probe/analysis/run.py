@@ -396,12 +396,12 @@ def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> P
     candidates = pd.concat(direction_rows, ignore_index=True)
     written += tables.write_table(candidates, out, "direction_candidates")
 
-    refusal_layer = next(iter(refs.values())).result.layer
-    table = tables.checkpoint_table(drift, deltas, beh, refusal_layer)
+    layers = {c.run: refs[c.base].result.layer for c in ckpts}
+    table = tables.checkpoint_table(drift, deltas, beh, layers)
     written += tables.write_table(table, out, "checkpoints")
-    x_cols = [c for c in table.columns if c.startswith(("cos", "proj", "delta", "mean_cos", "total"))]
-    y_cols = [c for c in table.columns if c in ("refusal_rate", "chrf")]
-    corr = correlate.correlate(table, x_cols, y_cols) if y_cols else pd.DataFrame()
+    y_cols = [c for c in ("refusal_rate", "chrf") if c in table.columns]
+    corr = correlate.correlate(table, None, y_cols) if y_cols else pd.DataFrame()
+    per_layer = (correlate.per_layer_correlation(drift, beh) if "refusal_rate" in y_cols else None)
     if len(corr):
         written += tables.write_table(corr, out, "correlations")
 
@@ -449,15 +449,34 @@ def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> P
             "delta_along_refusal": "norm of r_hat^T dW for modules writing to the residual stream (o_proj, down_proj)",
         },
         "behaviour": str(beh_path) if beh_path else None,
-        "behaviour_signatures": sorted(set(beh["signature"].dropna())) if "signature" in beh else [],
+        "signatures": _signatures(beh),
         "elapsed_s": round(elapsed, 1),
         "tables": [p.name for p in written],
     }
-    figures = plots.plot_all(drift, deltas, beh, table, out, summary) if hasattr(plots, "plot_all") else []
+    kw = dict(summary=summary, refusal_layer=layers)
+    figures = plots.plot_drift_by_layer(drift, out, "cos_to_base", **kw)
+    figures += plots.plot_drift_by_layer(drift, out, "proj_gap", **kw)
+    if settings.separability:
+        figures += plots.plot_drift_by_layer(drift, out, "probe_acc", **kw)
+    figures += plots.plot_cos_heatmap(drift, out, **kw)
+    if len(deltas):
+        figures += plots.plot_delta_by_layer(deltas, out, summary=summary)
+    figures += plots.plot_method_comparison(drift, deltas, beh, out, **kw)
+    if len(beh):
+        figures += plots.plot_behaviour(beh, table, out, summary=summary)
     summary["figures"] = [str(Path(f).name) for f in figures]
     write_json(out / "summary.json", _json_safe(summary))
-    report.write_report(out, summary, table, corr, figures)
+    report.write_report(out, summary, table, corr, figures, per_layer=per_layer)
     return out
+
+
+def _signatures(beh) -> dict[str, str]:
+    """metric -> how it was computed, from the behaviour table's signature column."""
+    if not len(beh) or "signature" not in beh:
+        return {}
+    pairs = beh.dropna(subset=["signature"]).drop_duplicates(["metric", "signature"])
+    return {f"{m}" if (pairs["metric"] == m).sum() == 1 else f"{m} ({i})": sig
+            for i, (m, sig) in enumerate(zip(pairs["metric"], pairs["signature"], strict=True))}
 
 
 def _align_behaviour(beh, ckpts: list[Checkpoint]):

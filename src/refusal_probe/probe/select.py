@@ -488,6 +488,7 @@ def select_direction(
     seed: int = 42,
     progress: bool = True,
     sources: dict[str, str] | None = None,
+    activations: tuple[Any, Any] | None = None,
 ) -> DirectionResult:
     """Difference-of-means candidates on the train prompts, scored and chosen on the held-out ones.
 
@@ -504,8 +505,13 @@ def select_direction(
     ids = list(refusal_ids) if refusal_ids is not None else refusal_token_ids(tokenizer)
 
     kw = dict(batch_size=batch_size, backend=backend, progress=progress)
-    harmful_acts = capture(model, tokenizer, harmful_train_s, desc="harmful activations", **kw)
-    harmless_acts = capture(model, tokenizer, harmless_train_s, desc="harmless activations", **kw)
+    if activations is not None:  # already captured by the caller on exactly these train prompts
+        harmful_acts, harmless_acts = activations
+        if (harmful_acts.n, harmless_acts.n) != (len(harmful_train_s), len(harmless_train_s)):
+            raise ValueError("activations were captured on other prompts than the sampled train prompts")
+    else:
+        harmful_acts = capture(model, tokenizer, harmful_train_s, desc="harmful activations", **kw)
+        harmless_acts = capture(model, tokenizer, harmless_train_s, desc="harmless activations", **kw)
     directions = mean_difference(harmful_acts.mean, harmless_acts.mean)
     n_layers, n_pos, _ = directions.shape
 
