@@ -85,7 +85,7 @@ def test_config_errors_name_the_setting(tmp_path):
 # ---- completion-only loss ----
 
 def test_loss_falls_on_answer_tokens_only(tiny_llama, tmp_path):
-    cfg = tiny_config(tiny_llama, max_length=1024)  # nothing cut: the whole reference must be in the labels
+    cfg = tiny_config(tiny_llama, method="full", max_length=1024)  # nothing cut: the whole reference is labelled
     model, tok = load_for_training(cfg, tiny_llama)
     rows = tdata.translation_split(["de"], "train", n=2)
     examples = [tdata.sft_example(r) for r in rows]
@@ -101,10 +101,20 @@ def test_loss_falls_on_answer_tokens_only(tiny_llama, tmp_path):
         answer = labels[labels != -100]
         assert tok.decode(answer) == rows[i]["ref"] + "<|eot_id|>"  # the reference and the end of turn, nothing else
     # the study's LoRA scripts trained on the whole chat: the option turns the mask off
-    trainer = build_trainer(tiny_config(tiny_llama, completion_only_loss=False), model, tok, examples,
+    trainer = build_trainer(tiny_config(tiny_llama, method="full", completion_only_loss=False), model, tok, examples,
                             tmp_path / "run2", [])
     batch = trainer.data_collator([trainer.train_dataset[0]])
     assert (batch["labels"][0] != -100).all()
+
+
+def test_qlora_base_is_nf4_with_double_quant_on_cpu(tiny_llama):
+    import bitsandbytes as bnb
+
+    model, _ = load_for_training(tiny_config(tiny_llama, method="qlora"), tiny_llama)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit)
+    assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested  # nested = double quantisation
+    assert q.compute_dtype == torch.float32  # CPU has no bfloat16 units
 
 
 # ---- every method end to end ----

@@ -35,7 +35,7 @@ KNOWN_LANGS = ("de", "fr", "es", "it", "pt", "nl")
 # Settings that change how a run executes but not what it learns: a run may resume with different values.
 EXECUTION_ONLY = frozenset(
     {"device", "bf16", "gradient_checkpointing", "logging_steps", "keep_optimizer", "per_device_batch_size",
-     "grad_accum", "run_name"}
+     "grad_accum", "run_name", "world_size"}
 )
 
 

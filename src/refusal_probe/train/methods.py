@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import hashlib
 import math
+import os
 import platform
 import shutil
 import time
@@ -45,7 +46,8 @@ def run_status(run_dir: Path) -> tuple[str, Path | None]:
 def hyperparameters(config: TrainConfig) -> dict[str, Any]:
     """Every setting, flat, plus what follows from them (effective batch, 4-bit base)."""
     out = config.to_dict()
-    out["effective_batch_size"] = config.effective_batch_size
+    out["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate/torchrun
+    out["effective_batch_size"] = config.effective_batch_size * out["world_size"]
     out["load_in_4bit"] = config.method == "qlora"
     out["lora_target_modules"] = config.lora_modules() if config.uses_lora else None
     return out
@@ -389,7 +391,7 @@ def _drop_unfinished_checkpoints(run_dir: Path) -> None:
     for d in checkpoint_dirs(run_dir):
         if not (d / "trainer_state.json").is_file():
             print(f"{d}: unfinished checkpoint removed")
-            shutil.rmtree(d)
+            shutil.rmtree(d, ignore_errors=True)  # several processes may race here under accelerate
 
 
 def _free_memory() -> None:
