@@ -16,7 +16,7 @@ from refusal_probe.cli import main
 from refusal_probe.probe.commands import default_out
 from refusal_probe.probe.select import DirectionResult, layer_cutoff
 
-FAST = ["--n-train", "4", "--n-val", "3", "--batch-size", "4", "--quiet"]
+FAST = ["--search", "full", "--n-train", "4", "--n-val", "3", "--batch-size", "4", "--quiet"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,7 +30,7 @@ def _one_thread():
 
 def test_end_to_end_with_validation(tiny_llama, tmp_path, capsys):
     out = tmp_path / "dirs"
-    rc = main(["directions", str(tiny_llama), "--out", str(out), *FAST, "--validate", "--max-new-tokens", "3",
+    rc = main(["directions", str(tiny_llama), "--out", str(out), *FAST, "--validate", "--n-validate", "3", "--max-new-tokens", "3",
                "--refusal-tokens", "I,Sorry"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -192,3 +192,20 @@ def test_validate_generates_with_the_interventions(tiny_llama):
         assert rep[key] == pytest.approx(sum(judge.is_refusal(e[field]) for e in ex[group]) / 3)
     assert rep["judge_signature"] == "judge=parity" and "early_exit=False" in rep["decoding"]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_coarse_search_scores_last_position_then_best_layers(tiny_llama, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "coarse"
+    argv = [a for a in FAST if a not in ("--search", "full")]
+    assert main(["directions", str(tiny_llama), "--out", str(out), *argv, "--search", "coarse"]) == 0
+    df = pd.read_csv(out / "candidates.csv", keep_default_na=False, na_values=[""])
+    scored = df[df["ablation_score"].notna()]
+    n_layers = df["layer"].max() + 1
+    cutoff = int(n_layers * 0.8)
+    # stage 1: position -1 at every allowed non-zero layer; stage 2: all positions at <= 3 layers
+    assert set(scored[scored["position"] == -1]["layer"]) == set(range(1, cutoff))
+    assert set(scored[scored["position"] != -1]["layer"]) <= set(range(1, cutoff))
+    assert scored[scored["position"] != -1]["layer"].nunique() <= 3
+    assert json.loads((out / "direction.json").read_text())["settings"]["search"] == "coarse"

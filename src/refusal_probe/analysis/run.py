@@ -40,6 +40,7 @@ class AnalyzeSettings:
     harmless: str | None = field(default=None, metadata={"help": "harmless prompt file (default: bundled)"})
     layer: int | None = None
     position: int | None = None
+    search: str = field(default="auto", metadata={"help": "direction search: full, coarse, auto (full on CUDA)"})
     separability: bool = True
     deltas: bool = True
     seed: int = 0

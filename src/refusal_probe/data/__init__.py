@@ -80,6 +80,11 @@ def harmful_val() -> list[str]:
     return _json_instructions("refusal_direction/harmful_val.json")
 
 
+def harmful_test() -> list[str]:
+    """JailbreakBench + HarmBench test + StrongREJECT prompts (572): held out from extraction and selection."""
+    return _json_instructions("refusal_direction/harmful_test.json")
+
+
 def harmless_train() -> list[str]:
     """Alpaca instructions (first 2,048 of the refusal-direction harmless_train split; CC BY-NC 4.0)."""
     return _json_instructions("refusal_direction/harmless_train_first2048.json")

@@ -60,8 +60,15 @@ def _register_directions(sub: argparse._SubParsersAction) -> None:
         "--harmless", type=Path, default=None, help="harmless prompt file for extraction (default: bundled harmless_train)"
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass / generate call")
+    p.add_argument("--search", choices=("auto", "full", "coarse"), default="auto",
+                   help="score every (layer, position) candidate (full), or the last position at every layer then all "
+                        "positions at the 3 best layers (coarse, ~4x cheaper); auto = full on CUDA, coarse on CPU")
     p.add_argument("--validate", action="store_true", help="also generate and judge refusal with/without intervention")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer with --validate")
+    p.add_argument("--n-validate", type=int, default=64,
+                   help="prompts each for --validate, disjoint from extraction and selection: harmful from the bundled "
+                        "harmful_test split (JailbreakBench, HarmBench test, StrongREJECT), harmless from harmless_val "
+                        "minus the selection sample (default: 64)")
     p.add_argument("--judge", default="keywords", help="refusal judge for --validate")
     p.add_argument(
         "--refusal-tokens",
@@ -106,6 +113,7 @@ def _check_args(args: argparse.Namespace) -> None:
     require(args.n_val >= 1, f"--n-val {args.n_val} must be at least 1")
     require(args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1")
     require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    require(args.n_validate >= 1, f"--n-validate {args.n_validate} must be at least 1")
     require(0 < args.max_layer_fraction <= 1, f"--max-layer-fraction {args.max_layer_fraction} must be in (0, 1]")
     require(args.position is None or args.position < 0, f"--position {args.position} must be negative (-P..-1)")
     if args.out is not None and args.out.exists():
@@ -156,6 +164,7 @@ def run_directions(args: argparse.Namespace) -> int:
         kl_threshold=args.kl_threshold,
         induce_threshold=args.induce_threshold,
         skip_late_layers=args.skip_late_layers,
+        search=args.search,
         backend=args.backend,
         seed=args.seed,
         progress=not args.quiet,
@@ -180,18 +189,26 @@ def run_directions(args: argparse.Namespace) -> int:
     if args.validate:
         from refusal_probe.probe.validate import save_validation, validate
 
+        selection = set(sample_prompts(harmless_val, args.n_val, args.seed))
+        harmful_check = sample_prompts(data.harmful_test(), args.n_validate, args.seed)
+        harmless_check = sample_prompts([p for p in harmless_val if p not in selection], args.n_validate, args.seed)
         report = validate(
             model,
             tokenizer,
             result,
-            sample_prompts(harmful_val, args.n_val, args.seed),
-            sample_prompts(harmless_val, args.n_val, args.seed),
+            harmful_check,
+            harmless_check,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             judge=args.judge,
             progress=not args.quiet,
         )
-        report["prompts"] = {"harmful": sources["harmful_val"], "harmless": sources["harmless_val"], "seed": args.seed}
+        report["prompts"] = {
+            "harmful": "bundled:refusal_direction/harmful_test.json (not used for extraction or selection)",
+            "harmless": sources["harmless_val"] + " minus the selection sample",
+            "n_each": args.n_validate,
+            "seed": args.seed,
+        }
         save_validation(out, report)
         _print_validation(report)
     return 0

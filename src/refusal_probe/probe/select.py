@@ -14,9 +14,10 @@ The math (refusal score, KL, filtering, choice) is pure functions over tensors a
 
 from __future__ import annotations
 
+import functools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -466,6 +467,27 @@ def sample_prompts(prompts: list[str], n: int | None, seed: int) -> list[str]:
     return random.Random(seed).sample(list(prompts), n)
 
 
+SEARCHES = ("full", "coarse")
+
+
+def coarse_to_fine(score: Callable[..., pd.DataFrame], n_layers: int, n_pos: int, cutoff: int, top_layers: int) -> pd.DataFrame:
+    """Score the last position at every allowed layer, then every position at the ``top_layers`` best layers.
+
+    Each candidate costs three forward passes over the held-out prompts, so on a CPU scoring all L x P of them takes
+    hours on a 0.5B model; the best layers by the last position are where the full search's winner sits in practice
+    (Arditi et al.'s chosen positions are within a layer of their last-position optimum). Unscored rows say so.
+    """
+    stage1 = score(only={(layer, -1) for layer in range(1, cutoff)})
+    ranked = stage1[stage1["ablation_score"].notna()]
+    kept = ranked[ranked["filtered_reason"] == ""]
+    best = (kept if len(kept) else ranked).nsmallest(top_layers, "ablation_score")["layer"].tolist()
+    stage2 = score(only={(layer, pos) for layer in best for pos in range(-n_pos, -1)})
+    scored2 = stage2["ablation_score"].notna() | ~stage2["filtered_reason"].str.contains(NOT_SCORED)
+    merged = stage1.copy()
+    merged.loc[scored2.to_numpy()] = stage2.loc[scored2].to_numpy()
+    return merged
+
+
 def select_direction(
     model: Any,
     tokenizer: Any,
@@ -489,9 +511,12 @@ def select_direction(
     progress: bool = True,
     sources: dict[str, str] | None = None,
     activations: tuple[Any, Any] | None = None,
+    search: str = "full",
+    top_layers: int = 3,
 ) -> DirectionResult:
     """Difference-of-means candidates on the train prompts, scored and chosen on the held-out ones.
 
+    ``search="coarse"`` (the default on CPU via ``"auto"``) scores a subset: see ``coarse_to_fine``.
     ``layer`` and ``position`` both given: that candidate is used (scored alone; a warning says if the filters would
     have discarded it). One of them given: only the candidates at that layer (or position) are scored and chosen from.
     """
@@ -554,7 +579,8 @@ def select_direction(
             )
         },
     )
-    scores = score_candidates(
+    score = functools.partial(
+        score_candidates,
         model,
         tokenizer,
         directions,
@@ -565,10 +591,19 @@ def select_direction(
         max_layer_fraction=max_layer_fraction,
         kl_threshold=kl_threshold,
         induce_threshold=induce_threshold,
-        only=only,
         skip_late_layers=skip_late_layers,
         progress=progress,
     )
+    if search == "auto":
+        search = "full" if model_device(model).type == "cuda" else "coarse"
+    if search not in SEARCHES:
+        raise UserError(f"unknown search {search!r}: choose one of {', '.join(SEARCHES)}, auto")
+    settings["search"] = search
+    if only is None and search == "coarse":
+        scores = coarse_to_fine(score, n_layers, n_pos, layer_cutoff(n_layers, max_layer_fraction), top_layers)
+        settings["coarse_top_layers"] = top_layers
+    else:
+        scores = score(only=only)
     if layer is not None and position is not None:
         row = scores[(scores["layer"] == layer) & (scores["position"] == position)].iloc[0]
         reason = str(row["filtered_reason"])
