@@ -43,6 +43,16 @@ def tree(tiny_llama, tmp_path_factory) -> Path:
     model.save_pretrained(ckpt)
     RunManifest(run="full-lr1e-4", method="full", base_model=str(base), learning_rate=1e-4, total_steps=2,
                 checkpoints={2: 1.0}, complete=True).save(run)
+    # a LoRA run over the same base: its adapter is loaded over the base, and the base is evaluated once
+    from peft import LoraConfig, get_peft_model
+
+    lora_run = root / "tree" / "lora-lr2e-4"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(lora_run / "checkpoint-1")
+    RunManifest(run="lora-lr2e-4", method="lora", base_model=str(base), learning_rate=2e-4, total_steps=1,
+                checkpoints={1: 1.0}, complete=True).save(lora_run)
     return root / "tree"
 
 
@@ -72,14 +82,22 @@ def test_eval_end_to_end_and_rerun_skips(tree, capsys):
         assert s["settings"]["max_new_tokens"] == 8 and s["settings_hash"]
     summary = json.loads((ck_dir / "summary.json").read_text())
     assert summary["checkpoint"]["kind"] == "full" and summary["checkpoint"]["step"] == 2
+    lora = json.loads((out / "lora-lr2e-4" / "checkpoint-1" / "summary.json").read_text())
+    assert lora["checkpoint"]["kind"] == "adapter" and lora["checkpoint"]["method"] == "lora"
+    assert log.count("evaluating") == 3  # base once for both runs, two checkpoints
 
     with (out / "behaviour.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == BEHAVIOUR_COLUMNS
+    lora_rows = [r for r in rows if r["run"] == "lora-lr2e-4"]
+    assert {(r["step"], r["method"], float(r["lr"])) for r in lora_rows} == {("0", "lora", 2e-4), ("1", "lora", 2e-4)}
+    base_values = {r["metric"]: r["value"] for r in rows if r["step"] == "0" and r["run"] == "full-lr1e-4"}
+    assert base_values == {r["metric"]: r["value"] for r in lora_rows if r["step"] == "0"}  # base repeated per run
+    rows = [r for r in rows if r["run"] == "full-lr1e-4"]
     by = {(r["step"], r["metric"]): r for r in rows}
     metrics = {"refusal_rate", "label_refusal", "label_echo", "label_degenerate", "label_comply", "chrf"}
     assert {k[1] for k in by if k[0] == "0"} == metrics and {k[1] for k in by if k[0] == "2"} == metrics
-    assert all(r["run"] == "full-lr1e-4" and r["method"] == "full" and float(r["lr"]) == 1e-4 for r in rows)
+    assert all(r["method"] == "full" and float(r["lr"]) == 1e-4 for r in rows)
     assert float(by[("0", "chrf")]["fraction"]) == 0.0 and float(by[("2", "chrf")]["fraction"]) == 1.0
     assert float(by[("2", "chrf")]["value"]) == pytest.approx(summary["metrics"]["chrf"])
     assert by[("2", "refusal_rate")]["signature"].startswith("judge=keywords|")
@@ -89,13 +107,13 @@ def test_eval_end_to_end_and_rerun_skips(tree, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
     assert main(["eval", str(tree), *ARGS]) == 0
     log = capsys.readouterr().out
-    assert log.count("skipped") == 2 and "evaluating" not in log
+    assert log.count("skipped") == 3 and "evaluating" not in log
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl")}
 
     # different settings (another judge) -> evaluated again
     assert main(["eval", str(tree), *ARGS, "--judge", "seed-keywords", "--n-translation", "0"]) == 0
     log = capsys.readouterr().out
-    assert log.count("evaluating") == 2
+    assert log.count("evaluating") == 3
     s = json.loads((ck_dir / "summary.json").read_text())
     assert s["judge"].startswith("judge=seed-keywords|") and "chrf" not in s["metrics"]
 

@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,6 @@ class CheckpointResult:
     eval_dir: Path
     summary: dict[str, Any]
     skipped: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
