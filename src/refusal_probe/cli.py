@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "refusal_probe.analysis.commands",
     "refusal_probe.evaluate.commands",
     "refusal_probe.train.commands",
+    "refusal_probe.demo",
 )
 
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from refusal_probe.errors import UserError
+from refusal_probe.models.source import model_device
+from refusal_probe.probe.activations import left_pad
 
 
 @dataclass(frozen=True)
@@ -79,20 +81,6 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _decode(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -121,7 +109,7 @@ def _greedy_config(model, tokenizer, max_new_tokens: int, pad_id: int, eos: set[
 
 @torch.inference_mode()
 def _full_batch(model, tokenizer, seqs, max_new_tokens: int, pad_id: int, eos: set[int]) -> list[Generation]:
-    ids, mask = _left_pad(seqs, pad_id, _device(model))
+    ids, mask = (t.to(model_device(model)) for t in left_pad(seqs, pad_id))
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -153,7 +141,7 @@ class _EarlyExit:
         self.max_new_tokens, self.pad_id, self.eos, self.stop = max_new_tokens, pad_id, eos, stop
         self.capacity, self.bar = capacity, bar
         self.decode = _fast_decoder(tokenizer)
-        self.device = _device(model)
+        self.device = model_device(model)
         self.pending = deque(order)
         self.results: dict[int, Generation] = {}
         self._reset()
@@ -207,7 +195,7 @@ class _EarlyExit:
 
         new = [self.pending.popleft() for _ in range(k)]
         self.admitting = new
-        ids, mask = _left_pad([self.seqs[i] for i in new], self.pad_id, self.device)
+        ids, mask = (t.to(self.device) for t in left_pad([self.seqs[i] for i in new], self.pad_id))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         next_tok, cache = self._forward(ids, mask, positions, DynamicCache(config=self.model.config), True)
         for i in new:

@@ -195,6 +195,11 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+def model_device(model):
+    """The device of the model's first parameter (where inputs must go)."""
+    return next(model.parameters()).device
+
+
 def decoder_layers(model):
     """The ModuleList of transformer blocks, through PEFT wrappers and across common architectures."""
     import torch

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from refusal_probe.errors import UserError
-from refusal_probe.models.source import decoder_layers
+from refusal_probe.models.source import decoder_layers, model_device
 from refusal_probe.probe.template import tokenize_prompts
 
 __all__ = [
@@ -60,10 +60,6 @@ def body_model(model: Any) -> torch.nn.Module:
     inner = _unwrap(model)
     body = getattr(inner, "base_model", inner)
     return body if isinstance(body, torch.nn.Module) else inner
-
-
-def _device(model: Any) -> torch.device:
-    return next(body_model(model).parameters()).device
 
 
 def length_sorted_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -194,7 +190,7 @@ def _hidden_size(model: Any) -> int:
 
 def _run_hooks(model, tokenizer, ids, batches, layers, n_pos):
     body = body_model(model)
-    device = _device(model)
+    device = model_device(model)
     pad = pad_token_id(tokenizer)
     sink: list = [None] * len(layers)
     with torch.inference_mode(), resid_pre_hooks(layers, n_pos, sink):
@@ -239,7 +235,7 @@ def _run_transformer_lens(model, tokenizer, ids, batches, layers, n_pos):
             "backend 'transformer-lens' needs transformer-lens 4: pip install refusal-probe[tl]"
         ) from exc
     inner = _unwrap(model)
-    device = _device(model)
+    device = model_device(model)
     pad = pad_token_id(tokenizer)
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(len(layers))]
     with _restored(inner):

@@ -27,6 +27,7 @@ import torch
 
 from refusal_probe.errors import UserError
 from refusal_probe.io import atomic_write, read_json, write_json
+from refusal_probe.models.source import model_device
 
 FORMAT = "refusal-probe/direction/1"
 CANDIDATES_CSV = "candidates.csv"
@@ -250,10 +251,6 @@ def encode_batches(tokenizer: Any, prompts: list[str], batch_size: int, device: 
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does with left padding
         batches.append(Batch(index, input_ids.to(device), mask.to(device), positions.to(device)))
     return batches
-
-
-def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 def last_logits(model: Any, batches: list[Batch]) -> torch.Tensor:
