@@ -19,15 +19,6 @@ from refusal_probe.probe.select import DirectionResult, layer_cutoff
 FAST = ["--search", "full", "--n-train", "4", "--n-val", "3", "--batch-size", "4", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run 10-20x faster on one thread when the CPU is shared (2 threads thrash under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_end_to_end_with_validation(tiny_llama, tmp_path, capsys):
     out = tmp_path / "dirs"
     rc = main(["directions", str(tiny_llama), "--out", str(out), *FAST, "--validate", "--n-validate", "3", "--max-new-tokens", "3",

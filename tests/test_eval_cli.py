@@ -20,8 +20,6 @@ from refusal_probe.evaluate.evaluate import (
 )
 from refusal_probe.models.manifest import RunManifest
 
-torch.set_num_threads(1)  # tiny models: one thread is much faster on a shared machine
-
 ARGS = ["--n-advbench", "4", "--n-translation", "4", "--max-new-tokens", "8", "--batch-size", "3", "--no-progress"]
 
 

@@ -15,9 +15,6 @@ from refusal_probe.evaluate.judge import KeywordJudge
 
 PROMPTS = advbench()[:8]
 
-# Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads ran 10-25x slower.
-torch.set_num_threads(1)
-
 
 def _load(path):
     from refusal_probe.models.source import load_model

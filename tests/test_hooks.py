@@ -13,15 +13,6 @@ from refusal_probe.models.source import decoder_layers, load_model
 from refusal_probe.probe.hooks import ablate, add, project_out, unit_vector
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run 10-20x faster on one thread when the CPU is shared (2 threads thrash under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen"])
 def model_tok(request, tiny_llama, tiny_qwen):
     path = tiny_llama if request.param == "llama" else tiny_qwen

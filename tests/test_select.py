@@ -28,15 +28,6 @@ from refusal_probe.probe.select import (
 )
 from refusal_probe.probe.template import format_prompts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run 10-20x faster on one thread when the CPU is shared (2 threads thrash under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ------------------------------------------------------------------------------------------------ pure math
 
 
