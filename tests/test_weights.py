@@ -271,3 +271,17 @@ def test_adapter_over_the_wrong_base_is_a_user_error(tiny_qwen, tmp_path):
         W.adapter_deltas(adapter, other, progress=False)
     with pytest.raises(UserError, match="is a LoRA adapter"):
         W.full_deltas(tiny_qwen, adapter, progress=False)
+
+
+def test_cached_base_norms_follow_a_changed_base_file(tiny_qwen, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_qwen, base)
+    adapter = _make_adapter(base, tmp_path / "adapter", use_rslora=False)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    before = _by_key(W.adapter_deltas(adapter, base, progress=False))[(0, "self_attn.q_proj", "base_fro")]
+    assert before == pytest.approx(float(_state(base)[key].double().norm()), rel=1e-9)
+    state = load_file(base / "model.safetensors")
+    state[key] = 2 * state[key]
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    after = _by_key(W.adapter_deltas(adapter, base, progress=False))[(0, "self_attn.q_proj", "base_fro")]
+    assert after == pytest.approx(2 * before, rel=1e-9)
