@@ -11,7 +11,7 @@ in, metrics out), after imports: cold (first call in the process: lazy imports, 
 call; for adapter_deltas the base norms are then cached, as when analysing several checkpoints of one run).
 The dense variants run with --threads torch threads; refusal-probe's functions switch to one thread internally
 (their ops are small or memory-bound; on a loaded machine thread hand-offs cost more than the arithmetic);
---threads 1 compares the algorithms alone. Memory = peak RSS of the child (resource.getrusage ru_maxrss), also
+--threads 1 compares the algorithms alone. Memory = peak RSS of the child (VmHWM; getrusage's ru_maxrss elsewhere), also
 shown above the RSS after imports (psutil), since every child imports the same libraries first.
 
 The test inputs are built in a temp dir: a LoRA r=8 adapter on q,k,v,o_proj with random A and B, and a full
@@ -146,10 +146,23 @@ def _operation(variant: str, base: Path, work: Path, directions: dict) -> dict:
     raise SystemExit(f"unknown variant {variant}")
 
 
+def _peak_rss_bytes() -> int:
+    """Peak RSS of this process image: VmHWM on Linux. ru_maxrss is not used there because Linux carries it over
+    from the parent across fork + exec, so a big parent would set every child's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def run_variant(variant: str, base: Path, work: Path) -> dict:
     """In a fresh child: the operation twice, cold (first call: lazy imports, thread pools) and warm."""
     import gc
-    import resource
 
     # every child imports the same libraries before the baseline, so RSS above it is the operation's own cost
     import peft  # noqa: F401
@@ -167,7 +180,7 @@ def run_variant(variant: str, base: Path, work: Path) -> dict:
         result = _operation(variant, base, work, directions)
         times.append(time.perf_counter() - t0)
         gc.collect()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _peak_rss_bytes()
     return {
         "seconds_cold": times[0],
         "seconds_warm": times[1],
@@ -242,7 +255,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     if args._setup:
-        print(json.dumps(build_inputs(args._base, args._work, args.rank, args.seed)))
+        base = _resolve_base(args, args._work)
+        print(json.dumps({"base": str(base), **build_inputs(base, args._work, args.rank, args.seed)}))
         return 0
     if args._variant:
         print(json.dumps(run_variant(args._variant, args._base, args._work)))
@@ -250,25 +264,13 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-weight-deltas-", dir=args.workdir))
     try:
-        base = _resolve_base(args, work)
-        print(
-            f"base {base}; building adapter (r={args.rank}) and perturbed checkpoint in {work}",
-            file=sys.stderr,
-        )
-        info = _child(
-            args,
-            [
-                "--_setup",
-                "--_base",
-                str(base),
-                "--_work",
-                str(work),
-                "--rank",
-                str(args.rank),
-                "--seed",
-                str(args.seed),
-            ],
-        )
+        # the base model is resolved (or built) in the setup child, so this process stays small
+        print(f"building adapter (r={args.rank}) and perturbed checkpoint in {work}", file=sys.stderr)
+        setup = ["--_setup", "--_work", str(work), "--model", args.model, "--rank", str(args.rank)]
+        setup += ["--seed", str(args.seed), "--tiny-layers", str(args.tiny_layers)]
+        setup += ["--tiny-hidden", str(args.tiny_hidden)]
+        info = _child(args, setup)
+        base = Path(info.pop("base"))
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for i in range(args.repeats):
             for v in VARIANTS:

@@ -285,3 +285,36 @@ def test_cached_base_norms_follow_a_changed_base_file(tiny_qwen, tmp_path):
     save_file(state, base / "model.safetensors", metadata={"format": "pt"})
     after = _by_key(W.adapter_deltas(adapter, base, progress=False))[(0, "self_attn.q_proj", "base_fro")]
     assert after == pytest.approx(2 * before, rel=1e-9)
+
+
+def test_gpt2_conv1d_weights_use_their_output_axis(tmp_path):
+    """GPT-2 stores linear weights [d_in, d_out]: what c_proj writes along r_hat is ||dW @ r_hat||."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    model.save_pretrained(tmp_path / "ckpt")
+    g = torch.Generator().manual_seed(4)
+    dirs = {i: torch.randn(32, generator=g) for i in range(2)}
+    got = _by_key(W.full_deltas(tmp_path / "base", tmp_path / "ckpt", dirs, progress=False))
+    base, ckpt = _state(tmp_path / "base"), _state(tmp_path / "ckpt")
+    for layer in range(2):
+        for module in ("attn.c_proj", "mlp.c_proj"):
+            key = f"transformer.h.{layer}.{module}.weight"
+            d = ckpt[key].double() - base[key].double()
+            assert d.shape[1] == 32
+            want = float((d @ unit(dirs[layer])).norm())
+            assert got[(layer, module, "delta_along_refusal")] == pytest.approx(want, rel=1e-9)
+        assert (layer, "mlp.c_fc", "delta_fro") in got and (
+            layer,
+            "mlp.c_fc",
+            "delta_along_refusal",
+        ) not in got
+    assert (-1, "wte", "delta_fro") in got  # lm_head is tied to wte and not saved

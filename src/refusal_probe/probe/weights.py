@@ -479,7 +479,14 @@ def adapter_deltas(
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors")
     with _open(adapter_file) as handle:
         adapter_keys = list(handle.keys())
-    lora, dense = _parse_adapter_keys(adapter_keys, adapter_file)
+        lora, dense = _parse_adapter_keys(adapter_keys, adapter_file)
+        # the factors are small (r x (in + out) each): read them through one handle, not one open per tensor
+        try:
+            factor_tensors = {k: handle.get_tensor(k) for f in lora.values() for k in f.values()}
+        except Exception as exc:
+            raise UserError(
+                f"{adapter_file}: cannot read the LoRA factors ({exc}); the file is corrupt"
+            ) from exc
     base_files = weight_files(base_dir)
     out_axis = 1 if _model_type(base_dir) in CONV1D_MODEL_TYPES else 0
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
@@ -502,8 +509,7 @@ def adapter_deltas(
             ka, kb = ("embedding_A", "embedding_B") if embedding else ("A", "B")
             if ka not in factors or kb not in factors:
                 raise UserError(f"{adapter_file}: module {module_path} has only one of lora_{ka}/lora_{kb}")
-            A = adapter.tensor(factors[ka])
-            B = adapter.tensor(factors[kb])
+            A, B = factor_tensors[factors[ka]], factor_tensors[factors[kb]]
             base_key = module_path + ".weight"
             if base_key not in base_files:
                 raise mismatch(base_key, "is not in the base")
