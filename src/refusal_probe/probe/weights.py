@@ -1,9 +1,10 @@
 """Where the weights moved: per layer and module deltas of a checkpoint against its base, streamed from disk.
 
-Full checkpoints are compared tensor by tensor through ``safetensors.safe_open`` (read-only memory maps; big
-tensors in row chunks), so memory stays at a few tensors however large the model is and two models are never
-loaded. LoRA/QLoRA adapters are measured from their factors (``scale * B @ A`` via r x r Gram matrices in
-:mod:`refusal_probe.probe.math`), never merged.
+Full checkpoints are compared tensor by tensor through ``safetensors.safe_open`` (read-only; one handle per read,
+big tensors in row chunks, float64 work in reused buffers), so RSS stays at a few tensors however large the model
+is and two models are never loaded. LoRA/QLoRA adapters are measured from their factors (``scale * B @ A`` via
+r x r Gram matrices in :mod:`refusal_probe.probe.math`), never merged; the base norms they need are cached per
+base file. Both run torch on one thread (see :func:`_single_threaded`).
 
 Rows are ``{"layer": int, "module": str, "metric": str, "value": float}``:
 
@@ -16,7 +17,9 @@ Rows are ``{"layer": int, "module": str, "metric": str, "value": float}``:
 Which tensors: 2-D ``weight``s of the transformer blocks (``...layers.<i>.<module>.weight``, also GPT-2's
 ``h.<i>``), keyed by block index ``i`` and the module path inside the block (``self_attn.o_proj``). Norms and
 biases are skipped. Token embeddings and the LM head (``embed_tokens``, ``lm_head``, ``wte``, ...) are reported as
-layer -1 rows with their own module names, without ``delta_along_*`` (they are not block outputs). Vision/audio
+layer -1 rows with their own module names, without ``delta_along_*`` (they are not block outputs); a tied LM
+head that is not saved separately has no row of its own. Modules an adapter targets outside the blocks are layer
+-1 rows named by their full path. Vision/audio
 towers of multimodal models are skipped. ``directions`` is keyed by the same block index: the caller decides which
 residual direction applies to block ``i``'s writes (the base model's chosen direction for every layer, or one each).
 """
