@@ -91,7 +91,7 @@ def test_drift_matches_hand_computation(tiny_llama, tree, analysed):
 
     out, _ = analysed
     summary = json.loads((out / "summary.json").read_text())
-    position = summary["bases"][str(tiny_llama)]["refusal_position"]
+    position = summary["bases"][str(tiny_llama)]["position"]
     prompts = prompt_sets(AnalyzeSettings(n_prompts=12, n_val=6))
 
     def dirs(path):

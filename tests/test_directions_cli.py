@@ -200,3 +200,5 @@ def test_coarse_search_scores_last_position_then_best_layers(tiny_llama, tmp_pat
     assert set(scored[scored["position"] != -1]["layer"]) <= set(range(1, cutoff))
     assert scored[scored["position"] != -1]["layer"].nunique() <= 3
     assert json.loads((out / "direction.json").read_text())["settings"]["search"] == "coarse"
+    late = df[df["layer"] >= cutoff]
+    assert (late["filtered_reason"] == "layer;not scored").all()

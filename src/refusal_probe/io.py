@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,8 +38,19 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def finite(obj: Any) -> Any:
+    """NaN/inf -> None, recursively: JSON has no NaN and other readers reject the token."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    return write_text(path, json.dumps(finite(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

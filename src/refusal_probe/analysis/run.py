@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,8 +20,11 @@ from refusal_probe import data
 from refusal_probe.errors import UserError
 from refusal_probe.io import read_json, write_json
 from refusal_probe.models.tree import Checkpoint, discover
+from refusal_probe.probe import DEFAULT_SEED
 
-CACHE_FORMAT = "refusal-probe/analysis-cache/1"
+CACHE_FORMAT = "refusal-probe/analysis-cache/2"  # bump whenever a cached number changes meaning
+# weights, configs, and everything that shapes the prompt text (tokenizer files, chat template)
+FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
 FULL_HASH_LIMIT = (
     64 << 20
 )  # files up to this size are hashed whole; larger weight files by header + size + mtime
@@ -43,7 +45,7 @@ class AnalyzeSettings:
     search: str = field(default="auto", metadata={"help": "direction search: full, coarse, auto (full on CUDA)"})
     separability: bool = True
     deltas: bool = True
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     # how to run: not part of the cache key
     batch_size: int = 16
     backend: str = "hooks"
@@ -52,8 +54,15 @@ class AnalyzeSettings:
 
     RUNTIME = ("batch_size", "device", "progress")
 
+    def resolved_search(self) -> str:
+        if self.search != "auto":
+            return self.search
+        return "full" if self.device.startswith("cuda") else "coarse"
+
     def key_fields(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+        out["search"] = self.resolved_search()
+        out["cache_format"] = CACHE_FORMAT
         for name in ("harmful", "harmless"):
             if out[name]:
                 out[name] = {"path": out[name], "sha256": _sha256(Path(out[name]))}
@@ -78,7 +87,7 @@ def fingerprint(directory: Path) -> str:
     size and modification time, which changes whenever the file is rewritten.
     """
     h = hashlib.sha256()
-    for f in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+    for f in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES):
         if f.name in ("trainer_state.json",):
             continue
         st = f.stat()
@@ -161,13 +170,13 @@ class BaseReference:
 
 
 def base_reference(
-    spec: str, base_dir: Path, settings: AnalyzeSettings, prompts, cache: Path
+    spec: str, base_dir: Path, settings: AnalyzeSettings, prompts, cache: Path, quantized: bool = False
 ) -> BaseReference:
     """Choose the base model's refusal direction (Arditi et al.) and measure the base, once per base and settings."""
     from refusal_probe.probe.select import DirectionResult
 
-    key = _key("base", fingerprint(base_dir), settings.key_fields())
-    folder = cache / "base" / f"{_safe(Path(spec).name)}-{key}"
+    key = _key("base", fingerprint(base_dir), settings.key_fields(), quantized)
+    folder = cache / "base" / f"{_safe(Path(spec).name)}{'-nf4' if quantized else ''}-{key}"
     if (folder / "rows.json").is_file():
         return BaseReference(
             spec, key, folder, DirectionResult.load(folder), read_json(folder / "rows.json")["rows"]
@@ -176,7 +185,7 @@ def base_reference(
     from refusal_probe.models.source import load_model
     from refusal_probe.probe.select import select_direction
 
-    model, tok = load_model(base_dir, device=settings.device)
+    model, tok = load_model(base_dir, device=settings.device, load_in_4bit=quantized)
     harmful, harmless = _capture_pair(model, tok, prompts, settings, label="base")
     result = select_direction(
         model,
@@ -193,8 +202,10 @@ def base_reference(
         backend=settings.backend,
         seed=settings.seed,
         progress=settings.progress,
+        search=settings.resolved_search(),
         activations=(harmful, harmless),
-        sources={k: v[1] for k, v in prompts.items()},
+        sources={"harmful_train": prompts["harmful"][1], "harmless_train": prompts["harmless"][1],
+                 "harmful_val": prompts["harmful_val"][1], "harmless_val": prompts["harmless_val"][1]},
     )
     result.settings["model"] = spec
     rows = _internal_rows(result.directions, result, harmful, harmless, settings)
@@ -244,7 +255,9 @@ def checkpoint_rows(
     from refusal_probe.models.source import load_model
     from refusal_probe.probe.drift import directions as diff_of_means
 
-    model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device)
+    if ckpt.kind == "full":
+        _check_same_shape(ckpt, ref)
+    model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device, load_in_4bit=ckpt.quantized)
     harmful, harmless = _capture_pair(model, tok, prompts, settings, label=ckpt.key)
     del model
     dirs = diff_of_means(harmful, harmless)
@@ -257,21 +270,29 @@ def checkpoint_rows(
     deltas: list[dict] = []
     if settings.deltas:
         from refusal_probe.models.source import resolve_model_dir
-        from refusal_probe.probe.weights import adapter_deltas, full_deltas
+        from refusal_probe.probe.weights import weight_deltas
 
-        base_dir = resolve_model_dir(ckpt.base)
+        # one refusal direction (the base's chosen one) for every layer: how much each update writes into it
         per_layer = {layer: ref.unit for layer in range(ref.directions.shape[0])}
-        fn = adapter_deltas if ckpt.kind == "adapter" else full_deltas
-        deltas = (
-            fn(ckpt.path, base_dir, per_layer)
-            if ckpt.kind == "adapter"
-            else fn(base_dir, ckpt.path, per_layer)
-        )
+        deltas = weight_deltas(ckpt.path, resolve_model_dir(ckpt.base), per_layer, progress=settings.progress)
     return {"drift": drift, "deltas": deltas}
 
 
+def _check_same_shape(ckpt: Checkpoint, ref: BaseReference) -> None:
+    """Fail before loading anything when a full checkpoint cannot be a fine-tune of the base."""
+    cfg = read_json(ckpt.path / "config.json")
+    cfg = cfg.get("text_config") or cfg
+    n_layers, _, d = ref.directions.shape
+    got = (cfg.get("num_hidden_layers"), cfg.get("hidden_size"))
+    if None not in got and got != (n_layers, d):
+        raise UserError(
+            f"{ckpt.path}: {got[0]} layers of width {got[1]}, but base {ref.spec} has {n_layers} of width {d}; "
+            "pass the right --base"
+        )
+
+
 def _entry_path(cache: Path, ckpt: Checkpoint, ref: BaseReference, settings: AnalyzeSettings) -> Path:
-    key = _key("ckpt", fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind)
+    key = _key("ckpt", fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind, ckpt.quantized)
     return cache / "checkpoints" / _safe(ckpt.run) / f"{_safe(ckpt.name)}-{key}.json"
 
 
@@ -290,17 +311,19 @@ def analyze(
 
     settings = settings or AnalyzeSettings()
     root = Path(root)
-    out = Path(out) if out else root / "analysis"
+    out = Path(out) if out else default_out(root)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; pass a folder path")
     shard_ij = parse_shard(shard)
     ckpts = discover(root, base)
     prompts = prompt_sets(settings)
     cache = out / "cache"
     started = time.time()
 
-    refs: dict[str, BaseReference] = {}
+    refs: dict[tuple[str, bool], BaseReference] = {}
     for c in ckpts:
-        if c.kind == "base" and c.base not in refs:
-            refs[c.base] = base_reference(c.base, c.path, settings, prompts, cache)
+        if c.kind == "base" and _ref_key(c) not in refs:
+            refs[_ref_key(c)] = base_reference(c.base, c.path, settings, prompts, cache, quantized=c.quantized)
 
     todo = [c for c in ckpts if c.kind != "base"]
     if shard_ij:
@@ -310,10 +333,10 @@ def analyze(
     bar = tqdm(todo, desc="checkpoints", unit="ckpt", disable=not settings.progress)
     for c in bar:
         bar.set_postfix_str(c.key)
-        path = _entry_path(cache, c, refs[c.base], settings)
+        path = _entry_path(cache, c, refs[_ref_key(c)], settings)
         if path.is_file():
             continue
-        rows = checkpoint_rows(c, refs[c.base], settings, prompts)
+        rows = checkpoint_rows(c, refs[_ref_key(c)], settings, prompts)
         write_json(path, {"format": CACHE_FORMAT, "checkpoint": c.key, "path": str(c.path), **rows})
         computed += 1
     if shard_ij:
@@ -323,6 +346,22 @@ def analyze(
         )
         return out
     return assemble(root, out, ckpts, refs, settings, prompts, behaviour, time.time() - started)
+
+
+def _ref_key(c: Checkpoint) -> tuple[str, bool]:
+    """Runs share a base reference when they share the base model and its precision (QLoRA: the 4-bit base)."""
+    return (c.base, c.quantized)
+
+
+def _ref_name(key: tuple[str, bool]) -> str:
+    return f"{key[0]} (nf4)" if key[1] else key[0]
+
+
+def default_out(root: Path) -> Path:
+    """``<tree>/analysis``; beside a single model or adapter folder, never inside it."""
+    from refusal_probe.models.source import is_adapter_dir, is_model_dir
+
+    return root.parent / "analysis" if is_model_dir(root) or is_adapter_dir(root) else root / "analysis"
 
 
 def _tag(c: Checkpoint, rows: list[dict]) -> list[dict]:
@@ -340,14 +379,19 @@ def _tag(c: Checkpoint, rows: list[dict]) -> list[dict]:
 def load_behaviour(root: Path, behaviour: str | Path | None):
     import pandas as pd
 
-    path = Path(behaviour) if behaviour else root / "eval" / "behaviour.csv"
+    from refusal_probe.evaluate.evaluate import default_out as eval_out
+
+    path = Path(behaviour) if behaviour else eval_out(str(root)) / "behaviour.csv"
     if not path.is_file():
         if behaviour:
             raise UserError(
                 f"{path}: behaviour table not found; run `refusal-probe eval` first or drop --behaviour"
             )
         return pd.DataFrame(), None
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path, dtype={"run": str, "method": str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read behaviour table ({exc}); re-run `refusal-probe eval`") from None
     missing = {"run", "step", "metric", "value"} - set(df.columns)
     if missing:
         raise UserError(
@@ -366,7 +410,7 @@ def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> P
     drift_rows: list[dict] = []
     delta_rows: list[dict] = []
     for c in ckpts:
-        ref = refs[c.base]
+        ref = refs[_ref_key(c)]
         if c.kind == "base":
             drift_rows += _tag(c, ref.rows)
             continue
@@ -390,14 +434,14 @@ def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> P
     if len(beh):
         written += tables.write_table(beh, out, "behaviour")
     direction_rows = []
-    for spec, ref in refs.items():
+    for key, ref in refs.items():
         cand = ref.result.scores.copy()
-        cand.insert(0, "base", spec)
+        cand.insert(0, "base", _ref_name(key))
         direction_rows.append(cand)
     candidates = pd.concat(direction_rows, ignore_index=True)
     written += tables.write_table(candidates, out, "direction_candidates")
 
-    layers = {c.run: refs[c.base].result.layer for c in ckpts}
+    layers = {c.run: refs[_ref_key(c)].result.layer for c in ckpts}
     table = tables.checkpoint_table(drift, deltas, beh, layers)
     written += tables.write_table(table, out, "checkpoints")
     y_cols = [c for c in ("refusal_rate", "chrf") if c in table.columns]
@@ -410,16 +454,21 @@ def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> P
         "format": "refusal-probe/analysis/1",
         "tree": str(root),
         "bases": {
-            spec: {
+            _ref_name(key): {
                 "refusal_layer": ref.result.layer,
-                "refusal_position": ref.result.position,
+                "position": ref.result.position,
                 "direction_norm": float(ref.result.direction.norm()),
                 "chosen": ref.result.chosen,
                 "warning": ref.result.warning,
                 "direction_files": str(ref.dir),
                 "selection_settings": ref.result.settings,
             }
-            for spec, ref in refs.items()
+            for key, ref in refs.items()
+        },
+        "runs": {
+            c.run: {"base": _ref_name(_ref_key(c)), "refusal_layer": refs[_ref_key(c)].result.layer}
+            for c in ckpts
+            if c.kind == "base"
         },
         "checkpoints": [
             {
@@ -466,7 +515,7 @@ def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> P
     if len(beh):
         figures += plots.plot_behaviour(beh, table, out, summary=summary)
     summary["figures"] = [str(Path(f).name) for f in figures]
-    write_json(out / "summary.json", _json_safe(summary))
+    write_json(out / "summary.json", summary)
     report.write_report(out, summary, table, corr, figures, per_layer=per_layer)
     return out
 
@@ -492,13 +541,3 @@ def _align_behaviour(beh, ckpts: list[Checkpoint]):
         vals = [getattr(meta[(r, s)], col) for r, s in zip(beh["run"], beh["step"], strict=True)]
         beh[col] = beh[col].where(beh[col].notna(), vals) if col in beh else vals
     return beh
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

@@ -40,22 +40,10 @@ class Generation:
 
 
 def format_chat(tokenizer, prompts: Sequence[str]) -> list[str]:
-    """Each prompt as one user turn in the tokenizer's chat template, ending with the assistant header."""
-    try:  # the probe's formatter, when present, so evaluation and direction extraction see identical text
-        from refusal_probe.probe.template import format_prompts
-    except ImportError:
-        format_prompts = None
-    if format_prompts is not None:
-        return list(format_prompts(tokenizer, list(prompts)))
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            "the tokenizer has no chat template; evaluate an instruction-tuned (chat) model or add a chat_template "
-            "to its tokenizer_config.json"
-        )
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    """Each prompt as one user turn in the chat template: the same text the probe extracts directions from."""
+    from refusal_probe.probe.template import format_prompts
+
+    return format_prompts(tokenizer, list(prompts))
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

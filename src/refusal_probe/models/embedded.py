@@ -8,6 +8,7 @@ the user cache, which every later load reuses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -174,6 +175,27 @@ def fetch(name: str, keep_downloads: bool = False) -> Path:
     final = model_dir(name)
     if is_ready(name):
         return final
+    with _lock(name):  # array jobs on a fresh cache: one assembles, the others wait and reuse it
+        if is_ready(name):
+            return final
+        return _fetch_locked(name, final, keep_downloads)
+
+
+@contextlib.contextmanager
+def _lock(name: str):
+    import fcntl
+
+    path = cache_root() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fetch_locked(name: str, final: Path, keep_downloads: bool) -> Path:
     model = EMBEDDED[name]
     work = cache_root() / "downloads" / name
     work.mkdir(parents=True, exist_ok=True)

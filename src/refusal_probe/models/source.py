@@ -106,7 +106,10 @@ def load_tokenizer(path: Path, fallback: Path | None = None):
     from transformers import AutoTokenizer
 
     src = path if (path / "tokenizer_config.json").is_file() or fallback is None else fallback
-    tok = AutoTokenizer.from_pretrained(str(src))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{src}: no usable tokenizer ({_first_line(exc)}); pass --base MODEL to take the base's") from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -126,6 +129,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     path = resolve_model_dir(spec)
     if is_adapter_dir(path):
         base_spec = base or adapter_base(path)
@@ -146,7 +151,7 @@ def load_model(
         tokenizer = load_tokenizer(path, fallback=base_dir)
     else:
         model = _from_pretrained(AutoModelForCausalLM, path, dtype, device, load_in_4bit)
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, fallback=resolve_model_dir(base) if base else None)
     model.eval()
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from refusal_probe.errors import UserError, require
+from refusal_probe.probe import DEFAULT_SEED
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOP_N = 5
@@ -92,7 +93,7 @@ def _register_directions(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not score the layers --max-layer-fraction discards anyway (saves about 20%% of the scoring time)",
     )
-    p.add_argument("--seed", type=int, default=42, help="seed for sampling the prompt subsets")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for sampling the prompt subsets")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_directions)
 

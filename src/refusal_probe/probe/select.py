@@ -28,6 +28,7 @@ import torch
 from refusal_probe.errors import UserError
 from refusal_probe.io import atomic_write, read_json, write_json
 from refusal_probe.models.source import model_device
+from refusal_probe.probe import DEFAULT_SEED
 
 FORMAT = "refusal-probe/direction/1"
 CANDIDATES_CSV = "candidates.csv"
@@ -482,6 +483,8 @@ def coarse_to_fine(score: Callable[..., pd.DataFrame], n_layers: int, n_pos: int
     scored2 = stage2["ablation_score"].notna() | ~stage2["filtered_reason"].str.contains(NOT_SCORED)
     merged = stage1.copy()
     merged.loc[scored2.to_numpy()] = stage2.loc[scored2].to_numpy()
+    late = merged["layer"] >= cutoff
+    merged.loc[late, "filtered_reason"] = f"{LATE_LAYER};{NOT_SCORED}"
     return merged
 
 
@@ -504,7 +507,7 @@ def select_direction(
     induce_threshold: float = 0.0,
     skip_late_layers: bool = False,
     backend: str = "hooks",
-    seed: int = 42,
+    seed: int = DEFAULT_SEED,
     progress: bool = True,
     sources: dict[str, str] | None = None,
     activations: tuple[Any, Any] | None = None,

@@ -26,6 +26,11 @@ def _require_template(tokenizer: Any) -> None:
         )
 
 
+# Llama-3.x templates put today's date in the system header unless given one: fix it so prompts (and cached results)
+# do not change from day to day. Templates that do not use it ignore the variable.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def format_prompts(tokenizer: Any, prompts: list[str], system: str | None = None) -> list[str]:
     """Render each user message with the model's chat template, ending at the start of the assistant's answer."""
     _require_template(tokenizer)
@@ -33,7 +38,9 @@ def format_prompts(tokenizer: Any, prompts: list[str], system: str | None = None
     for prompt in prompts:
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, date_string=TEMPLATE_DATE
+        )
         if not isinstance(text, str):
             raise UserError(
                 f"chat template of {tokenizer.name_or_path!r} did not render to text (got {type(text)})"

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from refusal_probe.io import atomic_write
+from refusal_probe.probe.template import format_prompts
 from refusal_probe.train.data import format_translation_prompt, read_jsonl
 
 
@@ -24,8 +25,7 @@ def greedy_answers(model, tokenizer, user_turns: list[str], max_new_tokens: int,
     import torch
     from tqdm.auto import tqdm
 
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": u}], tokenize=False,
-                                           add_generation_prompt=True) for u in user_turns]
+    texts = format_prompts(tokenizer, list(user_turns))
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     answers: list[str] = [""] * len(texts)
     side = tokenizer.padding_side
