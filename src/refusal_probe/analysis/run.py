@@ -19,15 +19,15 @@ from typing import Any
 from refusal_probe import data
 from refusal_probe.errors import UserError
 from refusal_probe.io import read_json, write_json
+from refusal_probe.models.embedded import sha256_file
 from refusal_probe.models.tree import Checkpoint, discover
 from refusal_probe.probe import DEFAULT_SEED
 
 CACHE_FORMAT = "refusal-probe/analysis-cache/2"  # bump whenever a cached number changes meaning
 # weights, configs, and everything that shapes the prompt text (tokenizer files, chat template)
 FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
-FULL_HASH_LIMIT = (
-    64 << 20
-)  # files up to this size are hashed whole; larger weight files by header + size + mtime
+# files up to this size are hashed whole; larger weight files by header + size + mtime
+FULL_HASH_LIMIT = 64 << 20
 
 
 @dataclass
@@ -65,19 +65,11 @@ class AnalyzeSettings:
         out["cache_format"] = CACHE_FORMAT
         for name in ("harmful", "harmless"):
             if out[name]:
-                out[name] = {"path": out[name], "sha256": _sha256(Path(out[name]))}
+                out[name] = {"sha256": sha256_file(Path(out[name]))}  # content, not where it lies
         return out
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(directory: Path) -> str:

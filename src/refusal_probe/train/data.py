@@ -23,6 +23,7 @@ from typing import Any
 
 from refusal_probe.data import bundled
 from refusal_probe.errors import UserError
+from refusal_probe.models.embedded import sha256_file
 
 LANGUAGE_NAMES = {"de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt": "Portuguese", "nl": "Dutch"}
 STUDY_LANGS = ("de", "fr", "es", "it", "pt")
@@ -269,14 +270,6 @@ def wmt_pairs(n: int | None = None, seed: int = 42) -> list[dict]:
 
 
 # ---- provenance ----
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def rows_sha256(rows: Iterable[dict]) -> str:
     """Content hash of the exact rows used (order included)."""
