@@ -91,8 +91,10 @@ def test_sample_prompts_is_seeded():
 # --------------------------------------------------------------------------------------- filtering and choice
 
 
-def _frame(rows):
-    return pd.DataFrame(rows, columns=["layer", "position", "direction_norm", "ablation_score", "steering_score", "kl"])
+def _frame(rows, harmless_baseline=-2.0):
+    df = pd.DataFrame(rows, columns=["layer", "position", "direction_norm", "ablation_score", "steering_score", "kl"])
+    df["harmless_baseline"] = harmless_baseline
+    return df
 
 
 def test_filter_reasons_follow_the_rules():
@@ -121,14 +123,20 @@ def test_choose_lowest_ablation_score_among_kept():
 
 
 def test_choose_falls_back_loudly_to_allowed_layers():
-    df = _frame(
-        [
-            (1, -1, 1.0, -3.0, -1.0, 0.05),  # steering filtered
-            (2, -1, 1.0, -4.0, 0.5, 0.9),  # KL filtered
-            (3, -1, 1.0, -9.0, 0.5, 0.05),  # late layer: never chosen while an allowed layer exists
-            (0, -1, 0.0, math.nan, math.nan, math.nan),
-        ]
-    )
+    rows = [
+        (1, -1, 1.0, -3.0, -1.0, 0.05),  # steering filtered, but addition raises refusal above the -2.0 baseline
+        (1, -2, 1.0, -3.5, -2.5, 0.05),  # steering filtered and addition lowers refusal: never in the second tier
+        (2, -1, 1.0, -4.0, 0.5, 0.9),  # KL filtered
+        (3, -1, 1.0, -9.0, 0.5, 0.05),  # late layer: never chosen while an allowed layer exists
+        (0, -1, 0.0, math.nan, math.nan, math.nan),
+    ]
+    df = _frame(rows)
+    df["filtered_reason"] = filter_reasons(df, 4)
+    row = choose(df)
+    assert (row["layer"], row["position"]) == (1, -1)  # steering relaxed first, the KL bound kept
+    assert "no candidate passed the steering threshold" in row["warning"]
+
+    df = _frame(rows, harmless_baseline=0.0)  # now no addition raises refusal: the KL bound is dropped next
     df["filtered_reason"] = filter_reasons(df, 4)
     row = choose(df)
     assert (row["layer"], row["position"]) == (2, -1)

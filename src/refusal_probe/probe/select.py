@@ -156,20 +156,27 @@ def _reasons(value: Any) -> set[str]:
 def choose(df: pd.DataFrame) -> pd.Series:
     """The kept candidate with the lowest ablation score, as a row with an added ``warning`` field ("" if none).
 
-    When every candidate is filtered, falls back to the best ablation score among those in allowed layers (then among
-    all scored ones) and says so in ``warning``: never a silent fallback.
+    When every candidate is filtered, the filters are relaxed one at a time, most demanding first, and ``warning`` says
+    which was dropped (never a silent fallback): first the steering threshold, keeping only candidates whose addition
+    still raises the harmless refusal score above its baseline (small models such as Qwen2.5-0.5B refuse a quarter of
+    harmless prompts under addition: a real effect that stays below Arditi's "log-odds > 0" bar); then the KL bound;
+    then the layer bound.
     """
     if df.empty:
         raise UserError("no direction candidates to choose from")
     reasons = df["filtered_reason"].map(_reasons)
     finite = df["ablation_score"].map(lambda v: v is not None and math.isfinite(float(v)))
+    raises = df["steering_score"].astype(float) > df["harmless_baseline"].astype(float)
     tiers = (
         (reasons.map(len) == 0) & finite,
+        reasons.map(lambda r: not r & {LATE_LAYER, NOT_SCORED, NOT_FINITE, ZERO, HIGH_KL}) & finite & raises,
         reasons.map(lambda r: not r & {LATE_LAYER, NOT_SCORED, NOT_FINITE, ZERO}) & finite,
         finite,
     )
     messages = (
         "",
+        "no candidate passed the steering threshold; chose the lowest ablation score among allowed layers within "
+        "the KL bound whose addition still raises harmless refusal above baseline",
         "every candidate was filtered (KL or steering thresholds); chose the lowest ablation score among the "
         "allowed layers: the direction may not mediate refusal in this model",
         "every candidate was filtered, including by layer; chose the lowest ablation score overall: "
