@@ -202,3 +202,18 @@ def test_coarse_search_scores_last_position_then_best_layers(tiny_llama, tmp_pat
     assert json.loads((out / "direction.json").read_text())["settings"]["search"] == "coarse"
     late = df[df["layer"] >= cutoff]
     assert (late["filtered_reason"] == "layer;not scored").all()
+
+
+def test_rerun_reuses_scores_and_fresh_recomputes(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "reuse"
+    assert main(["directions", str(tiny_llama), "--out", str(out), *FAST]) == 0
+    scores = (out / "candidates.csv").read_text()
+    capsys.readouterr()
+    assert main(["directions", str(tiny_llama), "--out", str(out), *FAST]) == 0
+    assert "reusing the candidate scores" in capsys.readouterr().out
+    assert (out / "candidates.csv").read_text() == scores
+    # other settings, or --fresh: scored again
+    assert main(["directions", str(tiny_llama), "--out", str(out), *FAST, "--kl-threshold", "0.5"]) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert main(["directions", str(tiny_llama), "--out", str(out), *FAST, "--kl-threshold", "0.5", "--fresh"]) == 0
+    assert "reusing" not in capsys.readouterr().out

@@ -64,6 +64,8 @@ def _register_directions(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search", choices=("auto", "full", "coarse"), default="auto",
                    help="score every (layer, position) candidate (full), or the last position at every layer then all "
                         "positions at the 3 best layers (coarse, ~4x cheaper); auto = full on CUDA, coarse on CPU")
+    p.add_argument("--fresh", action="store_true",
+                   help="recompute candidate scores even when --out holds scores made with the same settings")
     p.add_argument("--validate", action="store_true", help="also generate and judge refusal with/without intervention")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer with --validate")
     p.add_argument("--n-validate", type=int, default=64,
@@ -129,8 +131,6 @@ def run_directions(args: argparse.Namespace) -> int:
     from refusal_probe.probe.select import (
         parse_phrases,
         refusal_token_ids,
-        sample_prompts,
-        select_direction,
     )
 
     _check_args(args)
@@ -148,7 +148,73 @@ def run_directions(args: argparse.Namespace) -> int:
     phrases = parse_phrases(args.refusal_tokens) if args.refusal_tokens else None
     ids = refusal_token_ids(tokenizer, phrases) if phrases else refusal_token_ids(tokenizer)
 
-    result = select_direction(
+    try:
+        revision = model_revision(args.model)
+    except UserError:
+        revision = None
+    request = dict(
+        n_train=args.n_train, n_val=args.n_val, seed=args.seed, backend=args.backend,
+        max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold,
+        induce_threshold=args.induce_threshold, refusal_ids=ids, forced_layer=args.layer,
+        forced_position=args.position, search=_resolved_search(args), model_revision=revision, dtype=args.dtype,
+    )
+    result = None if args.fresh else _reuse(out, request, sources)
+    if result is not None:
+        print(f"reusing the candidate scores in {out} (same model and settings; --fresh recomputes them)")
+    else:
+        result = _select(args, model, tokenizer, harmful, harmless, harmful_val, harmless_val, ids, sources)
+    result.settings.update(
+        model=str(args.model),
+        base=args.base,
+        model_dir=str(resolve_model_dir(args.model)),
+        model_revision=revision,
+        dtype=args.dtype,
+        device=args.device,
+        refusal_phrases=phrases or "default",
+    )
+    result.save(out)
+    _print_choice(result, out)
+    if args.validate:
+        _validate(args, model, tokenizer, result, harmless_val, sources, out)
+    return 0
+
+
+def _resolved_search(args: argparse.Namespace) -> str:
+    if args.search != "auto":
+        return args.search
+    return "full" if str(args.device).startswith("cuda") else "coarse"
+
+
+def _reuse(out: Path, request: dict, sources: dict):
+    """The saved result re-chosen from its candidate scores when it was scored with exactly these settings.
+
+    Scoring is the expensive part (~30 min on a CPU for a 0.5B model); an interrupted or re-run command, or one after
+    the choice rule changed, need not redo it.
+    """
+    from refusal_probe.probe.select import DirectionResult, choose
+
+    if not (Path(out) / "direction.json").is_file():
+        return None
+    try:
+        saved = DirectionResult.load(out)
+    except UserError:
+        return None
+    same = all(saved.settings.get(k) == v for k, v in request.items())
+    same = same and {k: v.get("source") for k, v in saved.settings.get("prompts", {}).items()} == sources
+    if not same:
+        return None
+    if request["forced_layer"] is None or request["forced_position"] is None:
+        row = choose(saved.scores)
+        saved.layer, saved.position, saved.warning = int(row["layer"]), int(row["position"]), str(row["warning"])
+        n_pos = saved.directions.shape[1]
+        saved.direction = saved.directions[saved.layer, n_pos + saved.position].clone()
+    return saved
+
+
+def _select(args, model, tokenizer, harmful, harmless, harmful_val, harmless_val, ids, sources):
+    from refusal_probe.probe.select import select_direction
+
+    return select_direction(
         model,
         tokenizer,
         harmful,
@@ -171,48 +237,35 @@ def run_directions(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         sources=sources,
     )
-    try:
-        revision = model_revision(args.model)
-    except UserError:
-        revision = None
-    result.settings.update(
-        model=str(args.model),
-        base=args.base,
-        model_dir=str(resolve_model_dir(args.model)),
-        model_revision=revision,
-        dtype=args.dtype,
-        device=args.device,
-        refusal_phrases=phrases or "default",
+
+
+def _validate(args, model, tokenizer, result, harmless_val, sources, out) -> None:
+    from refusal_probe import data
+    from refusal_probe.probe.select import sample_prompts
+    from refusal_probe.probe.validate import save_validation, validate
+
+    selection = set(sample_prompts(harmless_val, args.n_val, args.seed))
+    harmful_check = sample_prompts(data.harmful_test(), args.n_validate, args.seed)
+    harmless_check = sample_prompts([p for p in harmless_val if p not in selection], args.n_validate, args.seed)
+    report = validate(
+        model,
+        tokenizer,
+        result,
+        harmful_check,
+        harmless_check,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        judge=args.judge,
+        progress=not args.quiet,
     )
-    result.save(out)
-    _print_choice(result, out)
-
-    if args.validate:
-        from refusal_probe.probe.validate import save_validation, validate
-
-        selection = set(sample_prompts(harmless_val, args.n_val, args.seed))
-        harmful_check = sample_prompts(data.harmful_test(), args.n_validate, args.seed)
-        harmless_check = sample_prompts([p for p in harmless_val if p not in selection], args.n_validate, args.seed)
-        report = validate(
-            model,
-            tokenizer,
-            result,
-            harmful_check,
-            harmless_check,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            judge=args.judge,
-            progress=not args.quiet,
-        )
-        report["prompts"] = {
-            "harmful": "bundled:refusal_direction/harmful_test.json (not used for extraction or selection)",
-            "harmless": sources["harmless_val"] + " minus the selection sample",
-            "n_each": args.n_validate,
-            "seed": args.seed,
-        }
-        save_validation(out, report)
-        _print_validation(report)
-    return 0
+    report["prompts"] = {
+        "harmful": "bundled:refusal_direction/harmful_test.json (not used for extraction or selection)",
+        "harmless": sources["harmless_val"] + " minus the selection sample",
+        "n_each": args.n_validate,
+        "seed": args.seed,
+    }
+    save_validation(out, report)
+    _print_validation(report)
 
 
 def _print_choice(result, out: Path) -> None:
