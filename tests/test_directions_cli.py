@@ -67,7 +67,7 @@ def test_end_to_end_with_validation(tiny_llama, tmp_path, capsys):
     for key in ("harmful_refusal_rate", "harmful_refusal_rate_ablated", "harmless_refusal_rate", "harmless_refusal_rate_added"):
         assert 0.0 <= val[key] <= 1.0
     assert val["judge_signature"].startswith("judge=keywords")
-    assert val["n_harmful"] == val["n_harmless"] == 3 and len(val["examples"]["harmful"]) == 3
+    assert val["n_harmful"] == val["n_harmless"] == 3 and len(val["examples"]["harmful"]) == 3 and len(val["examples"]["harmless"]) == 3
     assert (val["layer"], val["position"]) == (meta["layer"], meta["position"])
     assert f"refusal direction: layer {meta['layer']}, position {meta['position']}" in captured.out
     assert "harmful refusal rate" in captured.out and "harmless refusal rate" in captured.out

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from refusal_probe.models.embedded import DEFAULT_MODEL
+from refusal_probe.models.embedded import DEFAULT_MODEL, EMBEDDED
 
 # (method, learning rate): one adapter run, one full run, at rates that move refusal within a few steps on 0.5B.
 RUNS = (("lora", "2e-4"), ("full", "2e-5"))
@@ -46,12 +46,15 @@ def _demo(args: argparse.Namespace) -> int:
         if rc:
             return rc
     _stage("evaluate refusal (AdvBench slice) and chrF (held-out NTREX)")
-    rc = main(["eval", str(runs), "--n-advbench", str(args.n_advbench), "--n-translation", "32",
+    rc = main(["eval", str(runs), "--n-advbench", str(args.n_advbench), "--n-translation", "16",
                "--max-new-tokens", "64", "--device", args.device])
     if rc:
         return rc
     _stage("analyze")
-    rc = main(["analyze", str(runs), "--n-prompts", str(args.n_prompts), "--n-val", "16", "--device", args.device])
+    known = EMBEDDED[args.model].refusal_direction if args.model in EMBEDDED else None
+    pinned = ["--layer", str(known[0]), "--position", str(known[1])] if known else []  # else: full selection
+    rc = main(["analyze", str(runs), "--n-prompts", str(args.n_prompts), "--n-val", "16", "--device", args.device,
+               *pinned])
     if rc == 0:
         print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min; open {runs / 'analysis' / 'report.md'}")
     return rc

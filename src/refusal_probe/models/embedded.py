@@ -35,6 +35,9 @@ class EmbeddedModel:
     sha256: str
     license: str
     upstream: str
+    # (layer, position) that `refusal-probe directions` chose on this model (results/directions/<name>/); lets quick
+    # runs such as `demo` skip the ~30 min CPU search. None: not measured (or no refusal to find).
+    refusal_direction: tuple[int, int] | None = None
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -50,6 +53,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             license="Apache-2.0",
             upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct (AWQ, Q4_K_M GGUF mix, dequantised to float32)",
+            refusal_direction=(16, -1),
         ),
         EmbeddedModel(
             name="smollm2-135m-instruct",

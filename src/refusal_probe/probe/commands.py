@@ -27,6 +27,12 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+VALIDATE_SETS = {
+    "advbench": "bundled:advbench/harmful_behaviors.csv",
+    "harmful_test": "bundled:refusal_direction/harmful_test.json",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the probe area's subcommands."""
     _register_directions(sub)
@@ -64,14 +70,17 @@ def _register_directions(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search", choices=("auto", "full", "coarse"), default="auto",
                    help="score every (layer, position) candidate (full), or the last position at every layer then all "
                         "positions at the 3 best layers (coarse, ~4x cheaper); auto = full on CUDA, coarse on CPU")
+    p.add_argument("--validate-set", choices=sorted(VALIDATE_SETS), default="advbench",
+                   help="held-out harmful prompts for --validate: advbench (the study's 520; extraction uses the "
+                        "harmful_train split without its AdvBench items) or harmful_test (JailbreakBench, HarmBench "
+                        "test, StrongREJECT: harder) (default: advbench)")
     p.add_argument("--fresh", action="store_true",
                    help="recompute candidate scores even when --out holds scores made with the same settings")
     p.add_argument("--validate", action="store_true", help="also generate and judge refusal with/without intervention")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer with --validate")
     p.add_argument("--n-validate", type=int, default=64,
-                   help="prompts each for --validate, disjoint from extraction and selection: harmful from the bundled "
-                        "harmful_test split (JailbreakBench, HarmBench test, StrongREJECT), harmless from harmless_val "
-                        "minus the selection sample (default: 64)")
+                   help="prompts each for --validate, disjoint from extraction and selection: harmful from "
+                        "--validate-set, harmless from harmless_val minus the selection sample (default: 64)")
     p.add_argument("--judge", default="keywords", help="refusal judge for --validate")
     p.add_argument(
         "--refusal-tokens",
@@ -245,7 +254,8 @@ def _validate(args, model, tokenizer, result, harmless_val, sources, out) -> Non
     from refusal_probe.probe.validate import save_validation, validate
 
     selection = set(sample_prompts(harmless_val, args.n_val, args.seed))
-    harmful_check = sample_prompts(data.harmful_test(), args.n_validate, args.seed)
+    harmful_set = data.advbench() if args.validate_set == "advbench" else data.harmful_test()
+    harmful_check = sample_prompts(harmful_set, args.n_validate, args.seed)
     harmless_check = sample_prompts([p for p in harmless_val if p not in selection], args.n_validate, args.seed)
     report = validate(
         model,
@@ -259,7 +269,7 @@ def _validate(args, model, tokenizer, result, harmless_val, sources, out) -> Non
         progress=not args.quiet,
     )
     report["prompts"] = {
-        "harmful": "bundled:refusal_direction/harmful_test.json (not used for extraction or selection)",
+        "harmful": VALIDATE_SETS[args.validate_set] + " (not used for extraction or selection)",
         "harmless": sources["harmless_val"] + " minus the selection sample",
         "n_each": args.n_validate,
         "seed": args.seed,

@@ -20,7 +20,6 @@ from refusal_probe.io import write_json
 
 FORMAT = "refusal-probe/validation/1"
 VALIDATION_JSON = "validation.json"
-N_EXAMPLES = 3
 
 
 def refusal_rate(flags: list[bool]) -> float:
@@ -100,14 +99,15 @@ def validate(
         "harmful_relative_cut": relative_cut(before, after),
         "harmless_refusal_rate": rate(harmless_base),
         "harmless_refusal_rate_added": rate(harmless_add),
+        # every response, so a reader can check the judge's verdicts (early exit cuts refusals at the keyword)
         "examples": {
             "harmful": [
-                {"prompt": p, "baseline": a, "ablated": b}
-                for p, a, b in list(zip(harmful_prompts, harmful_base, harmful_abl, strict=True))[:N_EXAMPLES]
+                {"prompt": p, "baseline": a, "ablated": b, "refusal": [j.is_refusal(a), j.is_refusal(b)]}
+                for p, a, b in zip(harmful_prompts, harmful_base, harmful_abl, strict=True)
             ],
             "harmless": [
-                {"prompt": p, "baseline": a, "added": b}
-                for p, a, b in list(zip(harmless_prompts, harmless_base, harmless_add, strict=True))[:N_EXAMPLES]
+                {"prompt": p, "baseline": a, "added": b, "refusal": [j.is_refusal(a), j.is_refusal(b)]}
+                for p, a, b in zip(harmless_prompts, harmless_base, harmless_add, strict=True)
             ],
         },
     }
