@@ -66,7 +66,9 @@ def test_train_eval_analyze_on_a_real_checkpoint(qwen, tmp_path, all_threads):
     assert cos[0] == pytest.approx(1.0) and 0.5 < cos[2] <= 1.0 + 1e-9  # two LoRA steps move it, not destroy it
     deltas = pd.read_csv(out / "weight_deltas.csv")
     assert set(deltas["module"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
-    assert (deltas[deltas["metric"] == "delta_fro"]["value"] > 0).all()
+    fro = deltas[deltas["metric"] == "delta_fro"].groupby("step")["value"]
+    assert fro.max()[1] == 0.0  # the first step runs at learning rate 0 (linear warm-up from 0): no update yet
+    assert fro.min()[2] > 0  # the second one moves every adapted module
     table = pd.read_csv(out / "checkpoints.csv")
     assert "refusal_rate" in table.columns and len(table) == 3
     assert (out / "report.md").read_text().count("refusal") > 0
