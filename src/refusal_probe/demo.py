@@ -20,7 +20,7 @@ RUNS = (("lora", "2e-4"), ("full", "2e-5"))
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train, evaluate and analyze a small sweep on the embedded model (about 25 min on 2 CPU cores)",
+        help="train, evaluate and analyze a small sweep on the embedded model (roughly 30 min on 2 CPU cores)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
