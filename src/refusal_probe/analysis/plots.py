@@ -478,6 +478,17 @@ def _matched_runs(drift: pd.DataFrame) -> tuple[list[str], str]:
     return list(meta), "no learning rate shared by full and LoRA runs: all runs shown"
 
 
+def _behaviour_panel(ax, behaviour: pd.DataFrame, metric: str, styles: dict, xlabel: str) -> None:
+    """One behaviour metric against fraction of training, one line per run."""
+    b = behaviour[behaviour["metric"] == metric]
+    b = b.assign(_p=_progress(b))
+    for run, g in b.groupby("run", sort=True):
+        g = g.sort_values("_p")
+        ax.plot(g["_p"], g["value"], markersize=4, **styles[run])
+    label = METRIC_LABELS.get(metric, metric)
+    ax.set(xlabel=xlabel, ylabel=label, title=f"{_cap(label)} during training")
+
+
 def plot_method_comparison(
     drift: pd.DataFrame,
     deltas: pd.DataFrame | None,
@@ -531,16 +542,7 @@ def plot_method_comparison(
                     title="Weight change at final checkpoint",
                 )
             else:
-                b = beh[beh["metric"] == panel]
-                b = b.assign(_p=_progress(b))
-                for run, g in b.groupby("run", sort=True):
-                    g = g.sort_values("_p")
-                    ax.plot(g["_p"], g["value"], markersize=4, **styles[run])
-                ax.set(
-                    xlabel="fraction of training",
-                    ylabel=METRIC_LABELS.get(panel, panel),
-                    title=f"{_cap(METRIC_LABELS.get(panel, panel))} during training",
-                )
+                _behaviour_panel(ax, beh, panel, styles, "fraction of training")
             ax.grid(alpha=0.3, which="both")
         axes[0].legend(fontsize=7, loc="best")
         _finish(fig, f"Full fine-tuning vs LoRA ({note})", summary)
@@ -571,16 +573,7 @@ def plot_behaviour(
         fig = _figure(n, max_cols=3, panel=(4.6, 3.4))
         axes = _grid(fig, n, sharey=False)
         for ax, metric in zip(axes[: len(metrics)], metrics, strict=True):
-            b = behaviour[behaviour["metric"] == metric]
-            b = b.assign(_p=_progress(b))
-            for run, g in b.groupby("run", sort=True):
-                g = g.sort_values("_p")
-                ax.plot(g["_p"], g["value"], markersize=4, **styles[run])
-            ax.set(
-                xlabel="fraction of training (0 = base)",
-                ylabel=METRIC_LABELS.get(metric, metric),
-                title=f"{_cap(METRIC_LABELS.get(metric, metric))} during training",
-            )
+            _behaviour_panel(ax, behaviour, metric, styles, "fraction of training (0 = base)")
             ax.grid(alpha=0.3)
         if scatter:
             ax = axes[len(metrics)]
