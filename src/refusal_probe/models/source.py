@@ -200,6 +200,15 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+def hidden_size(model):
+    """The residual-stream width from the model config (also through PEFT and multimodal wrappers)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    config = getattr(config, "text_config", None) or config
+    size = getattr(config, "hidden_size", None)
+    return int(size) if size is not None else None
+
+
 def model_device(model):
     """The device of the model's first parameter (where inputs must go)."""
     return next(model.parameters()).device

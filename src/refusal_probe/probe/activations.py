@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from refusal_probe.errors import UserError
-from refusal_probe.models.source import decoder_layers, model_device
+from refusal_probe.models.source import decoder_layers, hidden_size, model_device
 from refusal_probe.probe.template import tokenize_prompts
 
 __all__ = [
@@ -163,7 +163,9 @@ def capture(
     ids, post = tokenize_prompts(tokenizer, prompts, system=system)
     n_pos = len(post)
     layers = decoder_layers(model)
-    d = _hidden_size(model)
+    d = hidden_size(model)
+    if d is None:
+        raise UserError(f"{type(model).__name__}: its config names no hidden_size; this architecture is not supported")
     acc = _Accumulator(len(prompts), len(layers), n_pos, d, keep)
     batches = length_sorted_batches(ids, batch_size)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
@@ -180,12 +182,6 @@ def capture(
     mean = acc.sum / len(prompts)
     assert mean.shape == (len(layers), n_pos, d) and mean.dtype == torch.float64
     return Activations(mean=mean, n=len(prompts), positions=list(range(-n_pos, 0)), per_prompt=acc.per_prompt)
-
-
-def _hidden_size(model: Any) -> int:
-    config = _unwrap(model).config
-    config = getattr(config, "text_config", None) or config
-    return int(config.hidden_size)
 
 
 def _run_hooks(model, tokenizer, ids, batches, layers, n_pos):

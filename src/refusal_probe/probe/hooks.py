@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from refusal_probe.errors import UserError
-from refusal_probe.models.source import decoder_layers
+from refusal_probe.models.source import decoder_layers, hidden_size
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -150,15 +150,6 @@ def add(model: Any, vector: torch.Tensor, layer: int, *, coeff: float = 1.0) -> 
 
     with hooked([(layers[layer], _pre_hook(fn))], []):
         yield
-
-
-def hidden_size(model: Any) -> int | None:
-    """The residual-stream width from the model config (also through PEFT and multimodal wrappers)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(inner, "config", None)
-    config = getattr(config, "text_config", None) or config
-    size = getattr(config, "hidden_size", None)
-    return int(size) if size is not None else None
 
 
 def _check_size(vector: torch.Tensor, model: Any) -> None:
