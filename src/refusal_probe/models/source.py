@@ -88,13 +88,23 @@ def model_revision(spec: str) -> str | None:
     return None
 
 
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json as a dict; a missing or damaged file is a one-line user error."""
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{adapter_dir}: no {ADAPTER_CONFIG}; is this a PEFT adapter directory?")
+    try:
+        cfg = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return cfg
+
+
 def adapter_base(adapter_dir: Path) -> str | None:
     """The base model spec an adapter names, mapped to an embedded name when its recorded path is one of ours."""
-    try:
-        cfg = read_json(adapter_dir / ADAPTER_CONFIG)
-    except ValueError as exc:
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: not valid JSON ({exc})") from None
-    base = cfg.get("base_model_name_or_path")
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         return None
     if not Path(base).exists() and Path(base).name in embedded.EMBEDDED:

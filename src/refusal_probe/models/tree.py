@@ -13,7 +13,13 @@ from pathlib import Path
 from refusal_probe.errors import UserError
 from refusal_probe.io import read_json
 from refusal_probe.models.manifest import MANIFEST, RunManifest
-from refusal_probe.models.source import adapter_base, is_adapter_dir, is_model_dir, resolve_model_dir
+from refusal_probe.models.source import (
+    adapter_base,
+    is_adapter_dir,
+    is_model_dir,
+    read_adapter_config,
+    resolve_model_dir,
+)
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 SKIP_DIRS = {"analysis", "eval", "directions", "runs", "logs", "wandb"}
@@ -129,7 +135,7 @@ def _method(manifest, name: str, ckpt_dirs) -> tuple[str | None, str]:
     m = METHOD_IN_NAME.search(name.lower())
     named = ("full" if m.group(1) == "fft" else m.group(1)) if m else None
     if ckpt_dirs and is_adapter_dir(ckpt_dirs[0]):
-        peft_type = str(read_json(ckpt_dirs[0] / "adapter_config.json").get("peft_type", "")).lower()
+        peft_type = str(read_adapter_config(ckpt_dirs[0]).get("peft_type", "")).lower()
         if peft_type == "lora":
             # The adapter config cannot tell LoRA from QLoRA; a folder name that says qlora can.
             return ("qlora", "adapter_config.json+folder name") if named == "qlora" else ("lora", "adapter_config.json")

@@ -419,13 +419,10 @@ def _pattern_value(patterns: dict, module_path: str, default):
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / "adapter_config.json"
-    if not path.is_file():
-        raise UserError(f"{adapter_dir}: no adapter_config.json; is this a PEFT adapter directory?")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from exc
+    from refusal_probe.models.source import ADAPTER_CONFIG, read_adapter_config
+
+    cfg = read_adapter_config(adapter_dir)
+    path = adapter_dir / ADAPTER_CONFIG
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise UserError(
             f"{path}: peft_type {cfg.get('peft_type')!r} is unsupported; only LoRA/QLoRA adapters are"
