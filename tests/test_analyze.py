@@ -145,6 +145,14 @@ def test_rerun_recomputes_only_what_changed(tree, analysed, tiny_llama):
     assert {p: p.stat().st_mtime_ns for p in (out2 / "cache").rglob("*.json")} == sharded
     assert (out2 / "drift.csv").is_file()
 
+    # --no-deltas changes every checkpoint's entry but not the base reference (no deltas of the base)
+    base_files = {p: m for p, m in entries.items() if "base" in p.relative_to(out / "cache").parts}
+    assert base_files
+    assert main(["analyze", str(tree), "--no-deltas", *ARGS]) == 0
+    after = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
+    assert {p: m for p, m in after.items() if "base" in p.relative_to(out / "cache").parts} == base_files
+    assert len(after) > len(entries)  # new checkpoint entries, keyed on the deltas setting
+
 
 @pytest.mark.parametrize(
     "argv, fragment",

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def safe_filename(text: str) -> str:
+    """A folder or file name from a model name, run name or spec: characters outside [A-Za-z0-9._+-] become '_'."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._")[:80] or "model"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

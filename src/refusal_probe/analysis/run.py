@@ -18,7 +18,7 @@ from typing import Any
 
 from refusal_probe import data
 from refusal_probe.errors import UserError
-from refusal_probe.io import read_json, write_json
+from refusal_probe.io import read_json, safe_filename, write_json
 from refusal_probe.models.embedded import sha256_file
 from refusal_probe.models.tree import Checkpoint, discover
 from refusal_probe.probe import DEFAULT_SEED
@@ -59,8 +59,8 @@ class AnalyzeSettings:
             return self.search
         return "full" if self.device.startswith("cuda") else "coarse"
 
-    def key_fields(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME}
+    def key_fields(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME + ignore}
         out["search"] = self.resolved_search()
         out["cache_format"] = CACHE_FORMAT
         for name in ("harmful", "harmless"):
@@ -96,10 +96,6 @@ def fingerprint(directory: Path) -> str:
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:80] or "model"
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -167,8 +163,9 @@ def base_reference(
     """Choose the base model's refusal direction (Arditi et al.) and measure the base, once per base and settings."""
     from refusal_probe.probe.select import DirectionResult
 
-    key = _key("base", fingerprint(base_dir), settings.key_fields(), quantized)
-    folder = cache / "base" / f"{_safe(Path(spec).name)}{'-nf4' if quantized else ''}-{key}"
+    # Weight deltas are never taken of the base against itself: toggling --no-deltas keeps its cache.
+    key = _key("base", fingerprint(base_dir), settings.key_fields(ignore=("deltas",)), quantized)
+    folder = cache / "base" / f"{safe_filename(Path(spec).name)}{'-nf4' if quantized else ''}-{key}"
     if (folder / "rows.json").is_file():
         return BaseReference(
             spec, key, folder, DirectionResult.load(folder), read_json(folder / "rows.json")["rows"]
@@ -285,7 +282,7 @@ def _check_same_shape(ckpt: Checkpoint, ref: BaseReference) -> None:
 
 def _entry_path(cache: Path, ckpt: Checkpoint, ref: BaseReference, settings: AnalyzeSettings) -> Path:
     key = _key("ckpt", fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind, ckpt.quantized)
-    return cache / "checkpoints" / _safe(ckpt.run) / f"{_safe(ckpt.name)}-{key}.json"
+    return cache / "checkpoints" / safe_filename(ckpt.run) / f"{safe_filename(ckpt.name)}-{key}.json"
 
 
 # ------------------------------------------------------------------------------------------------ orchestration

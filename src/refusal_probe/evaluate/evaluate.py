@@ -17,7 +17,6 @@ import gc
 import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from typing import Any
 from refusal_probe.errors import UserError
 from refusal_probe.evaluate.chrf import corpus_chrf
 from refusal_probe.evaluate.judge import JUDGES, LABELS, get_judge, label_rates
-from refusal_probe.io import atomic_write, read_json, write_json
+from refusal_probe.io import atomic_write, read_json, safe_filename, write_json
 
 SUMMARY_FORMAT = "refusal-probe/eval/1"
 BEHAVIOUR_COLUMNS = ("run", "method", "lr", "step", "fraction", "metric", "value", "signature")
@@ -93,8 +92,7 @@ def safe_name(spec: str) -> str:
     if "/" in text and (text.startswith((".", "/", "~")) or Path(text).expanduser().exists()):
         digest = hashlib.sha256(str(Path(text).expanduser().resolve()).encode()).hexdigest()[:8]
         text = f"{Path(text).name}-{digest}"
-    text = text.replace("/", "--")
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", text).strip("._") or "model"
+    return safe_filename(text.replace("/", "--"))
 
 
 def settings_hash(settings: EvalSettings, judge_signature: str, fingerprint: Sequence[Any]) -> str:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from refusal_probe.errors import UserError, require
+from refusal_probe.io import safe_filename
 from refusal_probe.probe import DEFAULT_SEED
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -116,8 +117,7 @@ def default_out(spec: str) -> Path:
     name = path.stem if path.suffix.lower() == ".gguf" else path.name
     if re.match(r"^checkpoint-\d+$", name) and path.parent.name:
         name = f"{path.parent.name}-{name}"
-    name = re.sub(r"[^\w.\-]+", "_", name).strip("._") or "model"
-    return Path("directions") / name
+    return Path("directions") / safe_filename(name)
 
 
 def _check_args(args: argparse.Namespace) -> None:
