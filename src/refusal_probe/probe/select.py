@@ -29,6 +29,7 @@ from refusal_probe.errors import UserError
 from refusal_probe.io import atomic_write, read_json, write_json
 from refusal_probe.models.source import model_device
 from refusal_probe.probe import DEFAULT_SEED
+from refusal_probe.probe.activations import left_pad, length_sorted_batches, pad_token_id, position_ids
 
 FORMAT = "refusal-probe/direction/1"
 CANDIDATES_CSV = "candidates.csv"
@@ -245,19 +246,11 @@ def encode_batches(tokenizer: Any, prompts: list[str], batch_size: int, device: 
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1")
     ids, _ = tokenize_prompts(tokenizer, prompts)
-    pad = next((int(p) for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pad = pad_token_id(tokenizer)
     batches = []
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in index)
-        input_ids = torch.full((len(index), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(index), width), dtype=torch.long)
-        for row, i in enumerate(index):
-            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i], dtype=torch.long)
-            mask[row, width - len(ids[i]) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does with left padding
-        batches.append(Batch(index, input_ids.to(device), mask.to(device), positions.to(device)))
+    for index in length_sorted_batches(ids, batch_size):
+        input_ids, mask = left_pad([ids[i] for i in index], pad)
+        batches.append(Batch(index, input_ids.to(device), mask.to(device), position_ids(mask).to(device)))
     return batches
 
 
