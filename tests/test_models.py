@@ -160,3 +160,22 @@ def test_embedded_sha_mismatch_is_an_error(tmp_path):
     with pytest.raises(UserError, match="sha256"):
         embedded.assemble(bad, tmp_path / "work")
     assert not (tmp_path / "work" / "fake.gguf").exists()
+
+
+def test_4bit_on_cpu_is_dequantized_once_with_identical_outputs(tiny_qwen):
+    """NF4 on CPU: plain float32 Linear layers holding the NF4 values, same logits as the bitsandbytes kernel."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    kernel = AutoModelForCausalLM.from_pretrained(str(tiny_qwen), quantization_config=quant, device_map="cpu")
+    model, tok = load_model(tiny_qwen, load_in_4bit=True)
+    assert "Linear4bit" in {type(m).__name__ for m in kernel.modules()}
+    assert "Linear4bit" not in {type(m).__name__ for m in model.modules()}
+    ids = tok(["hello there, how are you"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = kernel(ids).logits, model(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    full, _ = load_model(tiny_qwen)
+    with torch.no_grad():
+        assert not torch.allclose(full(ids).logits, got, atol=1e-3)  # it really is the quantized model
