@@ -27,7 +27,7 @@ def test_cpu_small_expands_to_every_method_and_rate():
     assert by_name["dpo-lr0.0001"].per_device_batch_size == 4 and by_name["dpo-lr0.0001"].grad_accum == 2
     assert by_name["lora-lr1e-05"].per_device_batch_size == 8
     assert all(c.effective_batch_size == 8 and c.model == "qwen2.5-coder-0.5b-instruct" for c in by_name.values())
-    assert all(c.n_train // c.effective_batch_size == 16 for c in by_name.values())  # 16 steps per run
+    assert all(c.n_train // c.effective_batch_size == 8 for c in by_name.values())  # 8 steps per run
 
 
 def test_paper_sweep_is_the_study_grid():
