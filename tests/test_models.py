@@ -162,8 +162,13 @@ def test_embedded_sha_mismatch_is_an_error(tmp_path):
     assert not (tmp_path / "work" / "fake.gguf").exists()
 
 
-def test_4bit_on_cpu_is_dequantized_once_with_identical_outputs(tiny_qwen):
-    """NF4 on CPU: plain float32 Linear layers holding the NF4 values, same logits as the bitsandbytes kernel."""
+def test_4bit_on_cpu_is_dequantized_once_with_identical_weights(tiny_qwen):
+    """NF4 on CPU: plain float32 Linear layers holding exactly the NF4 values the bitsandbytes kernel dequantizes.
+
+    The logits agree with the kernel's only to its own rounding: on CPUs with avx512_bf16 bitsandbytes' CPU path
+    multiplies in bfloat16 (measured: ~1e-3 off a float32 matmul of the same dequantized weights).
+    """
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -172,10 +177,20 @@ def test_4bit_on_cpu_is_dequantized_once_with_identical_outputs(tiny_qwen):
     model, tok = load_model(tiny_qwen, load_in_4bit=True)
     assert "Linear4bit" in {type(m).__name__ for m in kernel.modules()}
     assert "Linear4bit" not in {type(m).__name__ for m in model.modules()}
+    mine = dict(model.named_modules())
+    n = 0
+    for name, module in kernel.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            want = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            assert torch.equal(mine[name].weight.data, want), name
+            n += 1
+    assert n >= 4 * 7  # every projection of every block
     ids = tok(["hello there, how are you"], return_tensors="pt").input_ids
     with torch.no_grad():
         want, got = kernel(ids).logits, model(ids).logits
-    assert torch.allclose(got, want, atol=1e-5)
     full, _ = load_model(tiny_qwen)
     with torch.no_grad():
-        assert not torch.allclose(full(ids).logits, got, atol=1e-3)  # it really is the quantized model
+        off_full = (full(ids).logits - got).abs().max()
+    off_kernel = (got - want).abs().max()
+    assert off_kernel < 2e-2
+    assert off_full > 5 * off_kernel  # it really is the quantized model
