@@ -72,17 +72,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     import psutil
     import torch
 
+    from refusal_probe.core.batching import left_pad, length_sorted_batches, pad_token_id, position_ids
+    from refusal_probe.core.template import tokenize_prompts
     from refusal_probe.models.source import load_model
-    from refusal_probe.probe.activations import (
-        body_model,
-        capture,
-        decoder_layers,
-        left_pad,
-        length_sorted_batches,
-        pad_token_id,
-        position_ids,
-    )
-    from refusal_probe.probe.template import tokenize_prompts
+    from refusal_probe.probe.activations import body_model, capture, decoder_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +188,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 
 def build_tiny(root: Path, layers: int, hidden: int) -> str:
-    from refusal_probe.models.tiny import make_tiny_model
+    from refusal_probe.testing.tiny import make_tiny_model
 
     return str(make_tiny_model(root / "tiny", arch="qwen2", n_layers=layers, hidden=hidden))
 
@@ -278,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     out = Path(args.out)
-    from refusal_probe.io import write_json
+    from refusal_probe.core.io import write_json
 
     write_json(out, report)
     print(

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from refusal_probe.core.generate import generate_detailed
     from refusal_probe.data import advbench
-    from refusal_probe.evaluate.generate import generate_detailed
     from refusal_probe.evaluate.judge import get_judge
     from refusal_probe.models.source import load_model
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     spec = args.model
     if spec == "tiny":
-        from refusal_probe.models.tiny import make_tiny_model
+        from refusal_probe.testing.tiny import make_tiny_model
 
         spec = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", arch="llama", n_layers=args.tiny_layers,
                                    hidden=args.tiny_hidden))

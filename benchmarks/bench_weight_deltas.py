@@ -101,7 +101,7 @@ def _operation(variant: str, base: Path, work: Path, directions: dict) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from refusal_probe.probe.math import unit
+    from refusal_probe.probe.measures import unit
     from refusal_probe.probe.weights import RESIDUAL_WRITERS, adapter_deltas, full_deltas, locate
 
     if variant == "lora_factors":
@@ -205,7 +205,7 @@ def _child(args: argparse.Namespace, extra: list[str]) -> dict:
 
 def _resolve_base(args: argparse.Namespace, work: Path) -> Path:
     if args.model == "tiny":
-        from refusal_probe.models.tiny import make_tiny_model
+        from refusal_probe.testing.tiny import make_tiny_model
 
         return make_tiny_model(work / "base", n_layers=args.tiny_layers, hidden=args.tiny_hidden)
     from refusal_probe.models.source import resolve_model_dir
@@ -356,7 +356,7 @@ def main() -> int:
         if not agreement[f"{key}_max_rel_diff"] <= 1e-5:
             print(f"WARNING: the {key} variants disagree beyond 1e-5 relative", file=sys.stderr)
 
-    from refusal_probe.io import write_json
+    from refusal_probe.core.io import write_json
 
     write_json(args.out, report)
     print(f"\nwrote {args.out}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal_probe.models.tiny import make_tiny_model
+from refusal_probe.testing.tiny import make_tiny_model
 
 # Tiny models gain nothing from a second thread, and on a loaded 2-core machine two threads ran 10-25x slower.
 # Tests on the real embedded model ask for all cores with the `all_threads` fixture.

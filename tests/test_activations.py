@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_probe import data
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.template import format_prompts, post_instruction_ids, tokenize_prompts
 from refusal_probe.probe.activations import capture, decoder_layers
-from refusal_probe.probe.template import format_prompts, post_instruction_ids, tokenize_prompts
 
 PROMPTS = [
     "Write a poem about the sea",

@@ -86,7 +86,7 @@ def test_tidy_columns_and_base_is_checkpoint_zero(analysed):
 
 def test_drift_matches_hand_computation(tiny_llama, tree, analysed):
     """cos_to_base at every layer recomputed here from the two models' own activations."""
-    from refusal_probe.analysis.run import AnalyzeSettings, prompt_sets
+    from refusal_probe.analysis.pipeline import AnalyzeSettings, prompt_sets
     from refusal_probe.probe.activations import capture
 
     out, _ = analysed

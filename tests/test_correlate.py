@@ -14,7 +14,7 @@ from refusal_probe.analysis.correlate import (
     per_layer_correlation,
     strongest,
 )
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 
 def test_pair_stats_hand_computed():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.probe.activations import Activations, capture
 from refusal_probe.probe.drift import (
     DRIFT_METRICS,

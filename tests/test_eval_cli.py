@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from refusal_probe.cli import main
-from refusal_probe.evaluate.evaluate import (
+from refusal_probe.evaluate.pipeline import (
     BEHAVIOUR_COLUMNS,
     EvalSettings,
     advbench_prompts,

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.generate import format_chat, generate, generate_detailed, is_out_of_memory
 from refusal_probe.data import advbench
-from refusal_probe.errors import UserError
-from refusal_probe.evaluate.generate import format_chat, generate, generate_detailed, is_out_of_memory
 from refusal_probe.evaluate.judge import KeywordJudge
 
 PROMPTS = advbench()[:8]

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.models.source import decoder_layers, load_model
 from refusal_probe.probe.hooks import ablate, add, project_out, unit_vector
 

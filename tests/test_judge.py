@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.evaluate.judge import (
     KEYWORDS,
     LABELS,

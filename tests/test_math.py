@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_probe.probe.math import (
+from refusal_probe.probe.measures import (
     cosine,
     dense_delta_along,
     difference_frobenius,
@@ -77,7 +77,7 @@ def test_frobenius_hand_value_and_float64_accumulation(monkeypatch):
     want = float(np.sqrt(np.sum(w.numpy().astype(np.float64) ** 2)))
     assert frobenius_norm(w) == pytest.approx(want, rel=1e-12)
     # chunked reduction gives the same value as one pass
-    monkeypatch.setattr("refusal_probe.probe.math.CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr("refusal_probe.probe.measures.CHUNK_ELEMENTS", 4096)
     assert frobenius_norm(w) == pytest.approx(want, rel=1e-12)
     v = w + 1e-3
     want_d = float(np.sqrt(np.sum((v.numpy().astype(np.float64) - w.numpy().astype(np.float64)) ** 2)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.models import embedded
 from refusal_probe.models.manifest import RunManifest
 from refusal_probe.models.source import load_model, resolve_model_dir

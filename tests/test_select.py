@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.template import format_prompts
 from refusal_probe.models.source import load_model
 from refusal_probe.probe.hooks import ablate, add
 from refusal_probe.probe.select import (
@@ -26,7 +27,6 @@ from refusal_probe.probe.select import (
     score_candidates,
     select_direction,
 )
-from refusal_probe.probe.template import format_prompts
 
 # ------------------------------------------------------------------------------------------------ pure math
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from refusal_probe.cli import build_parser, main
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.models.manifest import RunManifest
 from refusal_probe.train.config import build_config, cli_values
 from refusal_probe.train.sweep import expand, load_sweep, train_command

@@ -12,7 +12,7 @@ from refusal_probe.analysis.tables import (
     refusal_layer_by_run,
     write_table,
 )
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 
 def _key(run, step, frac, method="full", lr=5e-5):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from refusal_probe.cli import main
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
+from refusal_probe.data import translation as tdata
 from refusal_probe.models.manifest import RunManifest
-from refusal_probe.train import data as tdata
 from refusal_probe.train.callbacks import checkpoint_steps
 from refusal_probe.train.config import TrainConfig, build_config, default_run_name
 from refusal_probe.train.methods import build_trainer, load_for_training, planned_steps, run_status, train

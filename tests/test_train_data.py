@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from refusal_probe.errors import UserError
-from refusal_probe.train import data as tdata
+from refusal_probe.core.errors import UserError
+from refusal_probe.data import translation as tdata
 
 
 def test_prompt_formats_are_exact():

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from refusal_probe.errors import UserError
-from refusal_probe.models.tiny import make_tiny_model
+from refusal_probe.core.errors import UserError
 from refusal_probe.probe import weights as W
-from refusal_probe.probe.math import unit
+from refusal_probe.probe.measures import unit
+from refusal_probe.testing.tiny import make_tiny_model
 
 N_LAYERS, HIDDEN = 4, 64
 BLOCK_MODULES = {

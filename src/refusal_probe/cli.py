@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 # Modules exposing ``register(subparsers)``; each adds its subcommands and sets ``func`` on them.
 COMMAND_MODULES = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from refusal_probe.analysis.run import AnalyzeSettings
+from refusal_probe.analysis.pipeline import AnalyzeSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from refusal_probe.analysis.run import analyze
+    from refusal_probe.analysis.pipeline import analyze
 
     names = {f.name for f in fields(AnalyzeSettings)}
     values = {k: v for k, v in vars(args).items() if k in names}

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from refusal_probe.errors import UserError, require
+from refusal_probe.core.errors import UserError, require
 
 DEFAULT_X = (
     "cos_to_base_at_rl",

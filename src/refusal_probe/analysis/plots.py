@@ -22,8 +22,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from refusal_probe.analysis.tables import refusal_layer_by_run, summary_bases
-from refusal_probe.errors import require
-from refusal_probe.io import atomic_write
+from refusal_probe.core.errors import require
+from refusal_probe.core.io import atomic_write
 
 # viridis without its last, pale-yellow stretch, which vanishes on a white background.
 PROGRESS_CMAP = ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, 256)), name="progress")

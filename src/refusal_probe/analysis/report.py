@@ -27,7 +27,7 @@ import pandas as pd
 
 from refusal_probe.analysis.correlate import EXACT_MAX_N, MIN_POINTS, best_layer, strongest
 from refusal_probe.analysis.tables import COLUMN_DOCS, summary_bases
-from refusal_probe.io import write_text
+from refusal_probe.core.io import write_text
 
 FIGURE_DOCS: dict[str, tuple[str, str]] = {
     "drift_cos_to_base_by_layer": (

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refusal_probe.errors import UserError, require
-from refusal_probe.io import atomic_write
+from refusal_probe.core.errors import UserError, require
+from refusal_probe.core.io import atomic_write
 
 TIDY_COLUMNS = ("run", "method", "lr", "step", "fraction", "layer", "module", "metric", "value")
 CHECKPOINT_KEYS = ("run", "method", "lr", "step", "fraction")

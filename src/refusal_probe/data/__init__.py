@@ -7,7 +7,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "text", "question", "behavior", "Goal")
 

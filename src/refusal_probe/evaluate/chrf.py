@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 JUDGE_CHOICES = ("keywords", "seed-keywords")
 
@@ -69,7 +69,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from refusal_probe.evaluate.evaluate import EvalSettings, run_eval
+    from refusal_probe.evaluate.pipeline import EvalSettings, run_eval
 
     langs = tuple(x.strip() for x in args.translation_langs.split(",") if x.strip())
     if not langs and args.n_translation:

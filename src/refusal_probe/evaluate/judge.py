@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 JUDGES = ("keywords", "seed-keywords")
 LABELS = ("refusal", "echo", "degenerate", "comply")

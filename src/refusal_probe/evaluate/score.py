@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.evaluate.chrf import corpus_chrf
 from refusal_probe.evaluate.judge import KeywordJudge, label_rates
 

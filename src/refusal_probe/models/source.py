@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from refusal_probe.errors import UserError
-from refusal_probe.io import read_json
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import read_json
 from refusal_probe.models import embedded
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refusal_probe.errors import UserError
-from refusal_probe.io import read_json
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import read_json
 from refusal_probe.models.manifest import MANIFEST, RunManifest
 from refusal_probe.models.source import (
     adapter_base,

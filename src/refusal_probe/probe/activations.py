@@ -16,9 +16,16 @@ from typing import Any
 
 import torch
 
-from refusal_probe.errors import UserError
-from refusal_probe.models.source import decoder_layers, hidden_size, model_device
-from refusal_probe.probe.template import tokenize_prompts
+from refusal_probe.core.batching import (
+    left_pad,
+    length_sorted_batches,
+    model_device,
+    pad_token_id,
+    position_ids,
+)
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.template import tokenize_prompts
+from refusal_probe.models.source import decoder_layers, hidden_size
 
 __all__ = [
     "Activations",
@@ -26,10 +33,6 @@ __all__ = [
     "body_model",
     "capture",
     "decoder_layers",
-    "left_pad",
-    "length_sorted_batches",
-    "pad_token_id",
-    "position_ids",
     "resid_pre_hooks",
 ]
 
@@ -60,34 +63,6 @@ def body_model(model: Any) -> torch.nn.Module:
     inner = _unwrap(model)
     body = getattr(inner, "base_model", inner)
     return body if isinstance(body, torch.nn.Module) else inner
-
-
-def length_sorted_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Prompt indices grouped into batches of similar length, to cut padding."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return input_ids, mask
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    for pid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if pid is not None:
-            return int(pid)
-    return 0
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token, as ``generate`` does with left padding."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class _Stop(Exception):

@@ -10,8 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from refusal_probe.errors import UserError, require
-from refusal_probe.io import safe_filename
+from refusal_probe.core.errors import UserError, require
+from refusal_probe.core.io import safe_filename
 from refusal_probe.probe import DEFAULT_SEED
 
 DTYPES = ("float32", "bfloat16", "float16")

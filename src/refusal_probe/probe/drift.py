@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.probe.activations import Activations
-from refusal_probe.probe.math import cosine, mean_difference, norm_ratio, project
+from refusal_probe.probe.measures import cosine, mean_difference, norm_ratio, project
 
 DRIFT_METRICS = ("cos_to_base", "norm_ratio", "proj_harmful", "proj_harmless", "proj_gap")
 SEPARABILITY_METRICS = ("probe_acc", "diffmean_acc")

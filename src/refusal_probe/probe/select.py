@@ -25,11 +25,16 @@ from typing import Any
 import pandas as pd
 import torch
 
-from refusal_probe.errors import UserError
-from refusal_probe.io import atomic_write, read_json, write_json
-from refusal_probe.models.source import model_device
+from refusal_probe.core.batching import (
+    left_pad,
+    length_sorted_batches,
+    model_device,
+    pad_token_id,
+    position_ids,
+)
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import atomic_write, read_json, write_json
 from refusal_probe.probe import DEFAULT_SEED
-from refusal_probe.probe.activations import left_pad, length_sorted_batches, pad_token_id, position_ids
 
 FORMAT = "refusal-probe/direction/1"
 CANDIDATES_CSV = "candidates.csv"
@@ -197,7 +202,7 @@ def choose(df: pd.DataFrame) -> pd.Series:
 
 def refusal_token_ids(tokenizer: Any, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> list[int]:
     """Unique ids of the first token of each phrase, tokenised as the start of an answer after the chat template."""
-    from refusal_probe.probe.template import format_prompts
+    from refusal_probe.core.template import format_prompts
 
     phrases = [p for p in phrases if p and p.strip()]
     if not phrases:
@@ -241,7 +246,7 @@ class Batch:
 
 def encode_batches(tokenizer: Any, prompts: list[str], batch_size: int, device: Any) -> list[Batch]:
     """Tokenise once (chat template, left padding, similar lengths together) for reuse by every candidate."""
-    from refusal_probe.probe.template import tokenize_prompts
+    from refusal_probe.core.template import tokenize_prompts
 
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1")
@@ -521,7 +526,7 @@ def select_direction(
     have discarded it). One of them given: only the candidates at that layer (or position) are scored and chosen from.
     """
     from refusal_probe.probe.activations import capture
-    from refusal_probe.probe.math import mean_difference
+    from refusal_probe.probe.measures import mean_difference
 
     harmful_train_s = sample_prompts(harmful_train, n_train, seed)
     harmless_train_s = sample_prompts(harmless_train, n_train, seed)

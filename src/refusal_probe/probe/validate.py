@@ -4,7 +4,7 @@ Greedy generation on held-out prompts, judged for refusal: harmful prompts witho
 everywhere (refusal should drop), harmless prompts without and with the direction added at its layer (refusal should
 appear). The judge's signature is stored beside the rates so the numbers say how they were computed.
 
-Generation is the evaluation stage's (``evaluate.generate``: same chat template, EOS handling and greedy decoding as
+Generation is the evaluation stage's (``core.generate``: same chat template, EOS handling and greedy decoding as
 the behaviour numbers), with its early exit: a sequence stops as soon as the judge's keyword test is true, which gives
 the same verdicts as full-length decoding for a fraction of the cost. Example responses are therefore cut where the
 verdict was settled.
@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from refusal_probe.errors import UserError
-from refusal_probe.io import write_json
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import write_json
 
 FORMAT = "refusal-probe/validation/1"
 VALIDATION_JSON = "validation.json"
@@ -64,7 +64,7 @@ def validate(
 
     if not harmful_prompts or not harmless_prompts:
         raise UserError("validation needs at least one harmful and one harmless prompt")
-    from refusal_probe.evaluate.generate import generate_detailed
+    from refusal_probe.core.generate import generate_detailed
 
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")

@@ -3,7 +3,7 @@
 Full checkpoints are compared tensor by tensor through ``safetensors.safe_open`` (read-only; one handle per read,
 big tensors in row chunks, float64 work in reused buffers), so RSS stays at a few tensors however large the model
 is and two models are never loaded. LoRA/QLoRA adapters are measured from their factors (``scale * B @ A`` via
-r x r Gram matrices in :mod:`refusal_probe.probe.math`), never merged; the base norms they need are cached per
+r x r Gram matrices in :mod:`refusal_probe.probe.measures`), never merged; the base norms they need are cached per
 base file. Both run torch on one thread (see :func:`_single_threaded`).
 
 Rows are ``{"layer": int, "module": str, "metric": str, "value": float}``:
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from refusal_probe.errors import UserError
-from refusal_probe.probe import math as pm
+from refusal_probe.core.errors import UserError
+from refusal_probe.probe import measures as pm
 
 # Module paths (inside a block) whose output is added to the residual stream, across common architectures:
 # llama/qwen2/mistral/gemma/phi3, gpt2 (Conv1D), gpt-neox, gpt-j, opt, phi-1/2, falcon/bloom.

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
+from refusal_probe.data import translation as tdata
 from refusal_probe.models.manifest import MANIFEST, RunManifest
-from refusal_probe.train import data as tdata
 from refusal_probe.train.callbacks import (
     FractionCheckpoints,
     ManifestWriter,

@@ -10,9 +10,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from refusal_probe.io import atomic_write
-from refusal_probe.probe.template import format_prompts
-from refusal_probe.train.data import format_translation_prompt, read_jsonl
+from refusal_probe.core.io import atomic_write
+from refusal_probe.core.template import format_prompts
+from refusal_probe.data.translation import format_translation_prompt, read_jsonl
 
 
 def cache_path(out_dir: Path, base_revision: str, rows_digest: str, fmt: str, max_new_tokens: int) -> Path:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 from refusal_probe.train.config import (
     TrainConfig,
     build_config,

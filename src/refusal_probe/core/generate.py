@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from refusal_probe.errors import UserError
-from refusal_probe.models.source import model_device
-from refusal_probe.probe.activations import left_pad
+from refusal_probe.core.batching import left_pad, model_device
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.template import format_prompts
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,6 @@ class Generation:
 
 def format_chat(tokenizer, prompts: Sequence[str]) -> list[str]:
     """Each prompt as one user turn in the chat template: the same text the probe extracts directions from."""
-    from refusal_probe.probe.template import format_prompts
-
     return format_prompts(tokenizer, list(prompts))
 
 

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.hashing import sha256_file
 from refusal_probe.data import bundled
-from refusal_probe.errors import UserError
-from refusal_probe.models.embedded import sha256_file
 
 LANGUAGE_NAMES = {"de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt": "Portuguese", "nl": "Dutch"}
 STUDY_LANGS = ("de", "fr", "es", "it", "pt")

@@ -8,8 +8,6 @@ lets several machines fill the cache for one final plain run to assemble. Checkp
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,17 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from refusal_probe import data
-from refusal_probe.errors import UserError
-from refusal_probe.io import read_json, safe_filename, write_json
-from refusal_probe.models.embedded import sha256_file
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.hashing import cache_key, model_fingerprint, sha256_file
+from refusal_probe.core.io import read_json, safe_filename, write_json
 from refusal_probe.models.tree import Checkpoint, discover
 from refusal_probe.probe import DEFAULT_SEED
 
 CACHE_FORMAT = "refusal-probe/analysis-cache/2"  # bump whenever a cached number changes meaning
-# weights, configs, and everything that shapes the prompt text (tokenizer files, chat template)
-FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
-# files up to this size are hashed whole; larger weight files by header + size + mtime
-FULL_HASH_LIMIT = 64 << 20
 
 
 @dataclass
@@ -67,35 +61,6 @@ class AnalyzeSettings:
             if out[name]:
                 out[name] = {"sha256": sha256_file(Path(out[name]))}  # content, not where it lies
         return out
-
-
-# ------------------------------------------------------------------------------------------------ fingerprints
-
-
-def fingerprint(directory: Path) -> str:
-    """A content identity for a model/checkpoint directory, cheap enough to take on every run.
-
-    Small files (configs, adapters) are hashed whole; large safetensors by their header (tensor names, shapes, offsets),
-    size and modification time, which changes whenever the file is rewritten.
-    """
-    h = hashlib.sha256()
-    for f in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES):
-        if f.name in ("trainer_state.json",):
-            continue
-        st = f.stat()
-        h.update(f"{f.name}\0{st.st_size}\0".encode())
-        if st.st_size <= FULL_HASH_LIMIT:
-            h.update(f.read_bytes())
-        else:
-            with f.open("rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(min(header_len, 1 << 24)))
-            h.update(str(st.st_mtime_ns).encode())
-    return h.hexdigest()
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -164,7 +129,7 @@ def base_reference(
     from refusal_probe.probe.select import DirectionResult
 
     # Weight deltas are never taken of the base against itself: toggling --no-deltas keeps its cache.
-    key = _key("base", fingerprint(base_dir), settings.key_fields(ignore=("deltas",)), quantized)
+    key = cache_key("base", model_fingerprint(base_dir), settings.key_fields(ignore=("deltas",)), quantized)
     folder = cache / "base" / f"{safe_filename(Path(spec).name)}{'-nf4' if quantized else ''}-{key}"
     if (folder / "rows.json").is_file():
         return BaseReference(
@@ -281,7 +246,7 @@ def _check_same_shape(ckpt: Checkpoint, ref: BaseReference) -> None:
 
 
 def _entry_path(cache: Path, ckpt: Checkpoint, ref: BaseReference, settings: AnalyzeSettings) -> Path:
-    key = _key("ckpt", fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind, ckpt.quantized)
+    key = cache_key("ckpt", model_fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind, ckpt.quantized)
     return cache / "checkpoints" / safe_filename(ckpt.run) / f"{safe_filename(ckpt.name)}-{key}.json"
 
 
@@ -368,7 +333,7 @@ def _tag(c: Checkpoint, rows: list[dict]) -> list[dict]:
 def load_behaviour(root: Path, behaviour: str | Path | None):
     import pandas as pd
 
-    from refusal_probe.evaluate.evaluate import default_out as eval_out
+    from refusal_probe.evaluate.pipeline import default_out as eval_out
 
     path = Path(behaviour) if behaviour else eval_out(str(root)) / "behaviour.csv"
     if not path.is_file():

@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.hashing import cache_key, model_fingerprint
+from refusal_probe.core.io import atomic_write, read_json, safe_filename, write_json
 from refusal_probe.evaluate.chrf import corpus_chrf
 from refusal_probe.evaluate.judge import JUDGES, LABELS, get_judge, label_rates
-from refusal_probe.io import atomic_write, read_json, safe_filename, write_json
 
 SUMMARY_FORMAT = "refusal-probe/eval/1"
 BEHAVIOUR_COLUMNS = ("run", "method", "lr", "step", "fraction", "metric", "value", "signature")
@@ -95,19 +96,10 @@ def safe_name(spec: str) -> str:
     return safe_filename(text.replace("/", "--"))
 
 
-def settings_hash(settings: EvalSettings, judge_signature: str, fingerprint: Sequence[Any]) -> str:
+def settings_hash(settings: EvalSettings, judge_signature: str, fingerprint: str) -> str:
+    """The key of a finished evaluation: a summary with this hash is current and skipped on a re-run."""
     payload = {"format": SUMMARY_FORMAT, "settings": asdict(settings), "judge": judge_signature, "model": fingerprint}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(path: Path) -> list[list[Any]]:
-    """Names, sizes and mtimes of the weight and adapter files: changes when the checkpoint is rewritten."""
-    out = []
-    for f in sorted(path.glob("*")):
-        if f.is_file() and (f.suffix in (".safetensors", ".gguf") or f.name in ("adapter_config.json", "config.json")):
-            st = f.stat()
-            out.append([f.name, st.st_size, st.st_mtime_ns])
-    return out
+    return cache_key(payload)
 
 
 def eval_dir_for(out: Path, ckpt) -> Path:
@@ -168,7 +160,7 @@ def translation_rows(settings: EvalSettings) -> list[dict[str, Any]]:
     complement: same document hash as `refusal-probe train`)."""
     if settings.n_translation == 0:
         return []
-    from refusal_probe.train.data import translation_split
+    from refusal_probe.data.translation import translation_split
 
     return translation_split(
         settings.translation_langs, split="test", n=settings.n_translation, source=settings.translation_source
@@ -241,11 +233,11 @@ def evaluate_checkpoint(
     model_loader: Callable[..., tuple[Any, Any]] | None = None,
 ) -> dict[str, Any]:
     """Generate, judge and score one checkpoint; write its JSONL files and summary.json; return the summary."""
-    from refusal_probe.evaluate.generate import generate_detailed
+    from refusal_probe.core.generate import generate_detailed
 
     judge = get_judge(settings.judge)
     others = [] if settings.early_exit else [get_judge(n) for n in JUDGES if n != settings.judge]
-    fingerprint = weights_fingerprint(Path(ckpt.path))
+    fingerprint = model_fingerprint(Path(ckpt.path))
     t0 = time.time()
     model, tokenizer = (model_loader or load_checkpoint)(ckpt, device=device, dtype=settings.dtype)
     stop = judge.has_keyword if settings.early_exit else None
@@ -274,7 +266,7 @@ def evaluate_checkpoint(
             counts["advbench"] = len(prompts)
         rows = translation_rows(settings)
         if rows:
-            from refusal_probe.train.data import format_translation_prompt
+            from refusal_probe.data.translation import format_translation_prompt
 
             prompts = [format_translation_prompt(r["src"], r["src_lang"], settings.translation_format) for r in rows]
             gens = generate_detailed(model, tokenizer, prompts, stop=None, desc=f"{label} translation", **gen)
@@ -327,7 +319,7 @@ def evaluate_checkpoint(
         "n": counts,
         "settings": asdict(settings),
         "generation": {"device": device, "batch_size": batch_size, "decoding": "greedy",
-                       "chat_template": "model's own (probe.template.format_prompts)"},
+                       "chat_template": "model's own (core.template.format_prompts)"},
         **extra,
         "versions": _versions(),
         "wall_time_s": round(time.time() - t0, 2),
@@ -399,7 +391,7 @@ def run_eval(
         if eval_dir in done_dirs:  # a base shared by several runs: evaluated once
             results.append(CheckpointResult(ckpt, eval_dir, done_dirs[eval_dir], skipped=True))
             continue
-        expected = settings_hash(settings, judge.signature, weights_fingerprint(Path(ckpt.path)))
+        expected = settings_hash(settings, judge.signature, model_fingerprint(Path(ckpt.path)))
         summary = _existing_summary(eval_dir)
         if summary is not None and summary.get("settings_hash") == expected:
             log(f"{head}: done already ({eval_dir}), skipped")

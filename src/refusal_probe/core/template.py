@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from refusal_probe.errors import UserError
+from refusal_probe.core.errors import UserError
 
 # Different first and last characters and lengths, so the only tokens they share at the end are the template's.
 _SENTINELS = ("Sentinel instruction alpha", "zz 42?", "Q")
