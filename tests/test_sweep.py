@@ -10,8 +10,9 @@ import pytest
 
 from refusal_probe.cli import build_parser, main
 from refusal_probe.core.errors import UserError
+from refusal_probe.core.settings import cli_values
 from refusal_probe.models.manifest import RunManifest
-from refusal_probe.train.config import build_config, cli_values
+from refusal_probe.train.config import build_config
 from refusal_probe.train.sweep import expand, load_sweep, train_command
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

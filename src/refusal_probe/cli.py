@@ -8,6 +8,7 @@ import os
 import sys
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.core.settings import dash_values
 
 # Modules exposing ``register(subparsers)``; each adds its subcommands and sets ``func`` on them.
 COMMAND_MODULES = (
@@ -46,7 +47,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `--learning-rate -1e-4`: a value that starts with '-' reaches validation instead of being read as a flag
+    args = parser.parse_args(dash_values(sys.argv[1:] if argv is None else argv, parser))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from refusal_probe.core.settings import cli_values
 from refusal_probe.train import config as tconfig
 
 
@@ -47,7 +48,7 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = tconfig.build_config(args.config, tconfig.cli_values(args))
+    config = tconfig.build_config(args.config, cli_values(args))
     if args.show_config:
         print(config.to_toml(), end="")
         return 0

@@ -9,21 +9,14 @@ QLoRA NF4 with double quantisation, DPO beta=0.1 with the sigmoid loss, checkpoi
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.core.settings import Settings, flag, read_toml
+from refusal_probe.core.settings import opt as _opt
 from refusal_probe.models.manifest import METHODS
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 LORA_PRESETS: dict[str, list[str]] = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -39,17 +32,10 @@ EXECUTION_ONLY = frozenset(
 )
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
+    NOUN = "training setting"
+
     # What to train
     method: str = _opt("lora", "Fine-tuning method: full | lora | qlora | dpo (full-parameter DPO unless --dpo-lora).",
                        METHODS)
@@ -160,40 +146,14 @@ class TrainConfig:
         _check(self.run_name is None or ("/" not in self.run_name and not self.run_name.startswith(".")),
                "run_name", self.run_name, "a plain folder name")
         for key in ("dtype", "qlora_quant_type", "dpo_pairs", "keep_optimizer", "train_data", "prompt_format"):
-            choices = _FIELDS[key].metadata["choices"]
+            choices = TrainConfig.field_choices(key) or ()
             _check(getattr(self, key) in choices, key, getattr(self, key), f"one of {', '.join(choices)}")
         _check(self.device in ("auto", "cpu", "cuda"), "device", self.device,
                "auto, cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES; several GPUs: accelerate launch)")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    def to_toml(self) -> str:
-        """The config as TOML (None values are written as comments: TOML has no null)."""
-        lines = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            lines.append(f"# {f.metadata['help']}")
-            lines.append(f"# {f.name} = (unset)" if value is None else f"{f.name} = {_toml_value(value)}")
-        return "\n".join(lines) + "\n"
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
-        """Build from plain values (TOML or CLI strings), coercing each to its field's type."""
-        cfg = cls()
-        for key, raw in values.items():
-            key = key.replace("-", "_")
-            if key not in _FIELDS:
-                near = difflib.get_close_matches(key, list(_FIELDS), n=1)
-                hint = f"; did you mean '{near[0]}'?" if near else f"; known settings: {', '.join(_FIELDS)}"
-                raise UserError(f"{where}: unknown training setting '{key}'{hint}")
-            setattr(cfg, key, coerce(key, raw, where))
-        return cfg
-
-
-_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(TrainConfig)}
-_HINTS = typing.get_type_hints(TrainConfig)
+coerce = TrainConfig.coerce
 
 
 def default_run_name(method: str, learning_rate: float) -> str:
@@ -203,99 +163,14 @@ def default_run_name(method: str, learning_rate: float) -> str:
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise UserError(f"training setting {key}={value!r} is invalid; expected {expected} (--{key.replace('_', '-')})")
+        raise UserError(f"training setting {key}={value!r} is invalid; expected {expected} ({flag(key)})")
 
 
 def field_names() -> list[str]:
-    return list(_FIELDS)
-
-
-def field_help(key: str) -> str:
-    return _FIELDS[key].metadata["help"]
-
-
-def _base_type(key: str) -> tuple[type, bool]:
-    """(the non-None type of field ``key``, whether None is allowed)."""
-    hint = _HINTS[key]
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        non_none = [a for a in args if a is not type(None)]
-        return non_none[0], len(non_none) < len(args)
-    return hint, False
-
-
-def coerce(key: str, raw: Any, where: str = "config") -> Any:
-    """``raw`` (a TOML value or a CLI string) as the type of field ``key``; UserError naming it if it does not fit."""
-    typ, nullable = _base_type(key)
-    try:
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "") and nullable):
-            if not nullable:
-                raise ValueError("may not be empty")
-            return None
-        if typing.get_origin(typ) is list:
-            (item,) = typing.get_args(typ)
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
-            return [_scalar(item, x.strip() if isinstance(x, str) else x) for x in items if str(x).strip()]
-        return _scalar(typ, raw)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{where}: {key}={raw!r} is not a valid {_type_name(typ)} ({exc})") from None
-
-
-def _scalar(typ: type, raw: Any) -> Any:
-    if typ is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected true or false")
-    if typ is int:
-        if isinstance(raw, float) and not raw.is_integer():
-            raise ValueError("expected a whole number")
-        if isinstance(raw, bool):
-            raise ValueError("expected a number")
-        return int(raw) if not isinstance(raw, str) else int(float(raw)) if "e" in raw.lower() else int(raw)
-    if typ is float:
-        if isinstance(raw, bool):
-            raise ValueError("expected a number")
-        return float(raw)
-    if typ is str:
-        if not isinstance(raw, str | int | float):
-            raise ValueError("expected text")
-        return str(raw)
-    raise TypeError(f"unsupported type {typ}")
-
-
-def _type_name(typ: Any) -> str:
-    if typing.get_origin(typ) is list:
-        return f"list of {typing.get_args(typ)[0].__name__}"
-    return getattr(typ, "__name__", str(typ))
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
+    return list(TrainConfig.settings_fields())
 
 
 # ---- TOML files ----
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found; pass an existing .toml file")
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
-
 
 def config_values(doc: dict[str, Any], method: str | None, where: str) -> dict[str, Any]:
     """Training settings from a TOML document: top-level keys or a [base] table, then [per_method.<method>].
@@ -318,25 +193,8 @@ def config_values(doc: dict[str, Any], method: str | None, where: str) -> dict[s
 # ---- CLI flags ----
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--learning-rate ...), help from the field; unset flags stay out of args."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(TrainConfig):
-        group_name = _group(f.name)
-        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        flag = "--" + f.name.replace("_", "-")
-        typ, _ = _base_type(f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{f.metadata['help']} [default: {shown}]"
-        kw: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": argparse.SUPPRESS, "help": help_text}
-        if typ is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        metavar = {int: "N", float: "X"}.get(typ) or ("A,B,..." if typing.get_origin(typ) is list
-                                                      else f.name.split("_")[-1].upper())
-        group.add_argument(flag, metavar=None if "choices" in kw else metavar, **kw)
+    """One flag per TrainConfig field (--learning-rate ...), grouped; help and default from the field."""
+    TrainConfig.add_arguments(parser, group=_group)
 
 
 def _group(name: str) -> str:
@@ -355,11 +213,6 @@ def _group(name: str) -> str:
     return "optimisation"
 
 
-def cli_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The training settings given explicitly on the command line."""
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
-
-
 def build_config(config_file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:
     """Defaults <- TOML file (base, then its per_method table) <- CLI flags; validated."""
     values: dict[str, Any] = {}
@@ -370,23 +223,5 @@ def build_config(config_file: str | Path | None, flags: dict[str, Any]) -> Train
         values = config_values(doc, str(method) if method else None, str(config_file))
         cfg = TrainConfig.from_dict(values, where=str(config_file))
         values = {k: getattr(cfg, k) for k in values}
-    values.update({k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in flags.items()})
+    values.update({k: coerce(k, v, flag(k)) for k, v in flags.items()})
     return TrainConfig.from_dict(values, where=where).validate()
-
-
-def to_flags(values: dict[str, Any]) -> list[str]:
-    """CLI flags that set ``values`` (the inverse of add_arguments), for printed commands."""
-    out: list[str] = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif value is None:
-            out += [flag, "none"]
-        elif isinstance(value, list):
-            out += [flag, ",".join(str(v) for v in value)]
-        elif isinstance(value, float):
-            out += [flag, repr(value)]
-        else:
-            out += [flag, str(value)]
-    return out

@@ -27,14 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from refusal_probe.core.errors import UserError
-from refusal_probe.train.config import (
-    TrainConfig,
-    build_config,
-    default_run_name,
-    field_names,
-    read_toml,
-    to_flags,
-)
+from refusal_probe.core.settings import read_toml, to_flags
+from refusal_probe.train.config import TrainConfig, build_config, default_run_name, field_names
 
 SWEEP_KEYS = ("name", "out", "description")
 FIRST = ("method", "learning_rate")  # outer loops, in this order
