@@ -14,6 +14,7 @@ import torch
 from refusal_probe.core.errors import UserError
 from refusal_probe.models import embedded
 from refusal_probe.models.manifest import RunManifest
+from refusal_probe.models.quant import QuantSpec
 from refusal_probe.models.source import load_model, resolve_model_dir
 from refusal_probe.models.tree import discover
 
@@ -103,6 +104,7 @@ def test_adapter_without_base_and_full_run_without_base(tmp_path, tree):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = None
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    (adapter / "README.md").unlink()  # peft's model card names the base too
     with pytest.raises(UserError, match="pass --base"):
         discover(tmp_path / "run")
     shutil.copytree(tree / "full-lr5e-05" / "checkpoint-2", tmp_path / "run2" / "checkpoint-2")
@@ -117,12 +119,17 @@ def test_resolve_errors_are_one_line(tmp_path, monkeypatch):
     binonly.mkdir()
     (binonly / "config.json").write_text("{}")
     (binonly / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(UserError, match="only safetensors"):
+    with pytest.raises(UserError, match="only pickle weights.*never unpickles.*safe_serialization=True"):
         resolve_model_dir(binonly)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="qwen2.5-coder-0.5b-instruct") as exc:
+    with pytest.raises(UserError, match="pass the local folder") as exc:
         resolve_model_dir("some-org/some-model-that-is-not-cached")
-    assert "\n" not in str(exc.value)
+    assert "\n" not in str(exc.value) and "qwen" not in str(exc.value).lower()  # no model of another family
+    # a spec that looks like a path never goes to the hub
+    for spec in ("./missing/model", "~/missing-model-dir", str(tmp_path / "nope"), "binonly/../nope"):
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(UserError, match="no such file or folder"):
+            resolve_model_dir(spec)
 
 
 def test_truncated_weights_are_reported(tmp_path, tiny_llama):
@@ -174,7 +181,7 @@ def test_4bit_on_cpu_is_dequantized_once_with_identical_weights(tiny_qwen):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     kernel = AutoModelForCausalLM.from_pretrained(str(tiny_qwen), quantization_config=quant, device_map="cpu")
-    model, tok = load_model(tiny_qwen, load_in_4bit=True)
+    model, tok = load_model(tiny_qwen, quant=QuantSpec())
     assert "Linear4bit" in {type(m).__name__ for m in kernel.modules()}
     assert "Linear4bit" not in {type(m).__name__ for m in model.modules()}
     mine = dict(model.named_modules())

@@ -21,8 +21,15 @@ COMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) naming the flag, with where to read more."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="refusal-probe",
         description="What did fine-tuning do to my model's safety, and where inside the model did it happen?",
     )

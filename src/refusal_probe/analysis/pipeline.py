@@ -18,6 +18,7 @@ from refusal_probe import data
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.hashing import cache_key, model_fingerprint, sha256_file
 from refusal_probe.core.io import read_json, safe_filename, write_json
+from refusal_probe.models.quant import QuantSpec
 from refusal_probe.models.tree import Checkpoint, discover
 from refusal_probe.probe import DEFAULT_SEED
 
@@ -123,14 +124,14 @@ class BaseReference:
 
 
 def base_reference(
-    spec: str, base_dir: Path, settings: AnalyzeSettings, prompts, cache: Path, quantized: bool = False
+    spec: str, base_dir: Path, settings: AnalyzeSettings, prompts, cache: Path, quant: QuantSpec | None = None
 ) -> BaseReference:
     """Choose the base model's refusal direction (Arditi et al.) and measure the base, once per base and settings."""
     from refusal_probe.probe.select import DirectionResult
 
     # Weight deltas are never taken of the base against itself: toggling --no-deltas keeps its cache.
-    key = cache_key("base", model_fingerprint(base_dir), settings.key_fields(ignore=("deltas",)), quantized)
-    folder = cache / "base" / f"{safe_filename(Path(spec).name)}{'-nf4' if quantized else ''}-{key}"
+    key = cache_key("base", model_fingerprint(base_dir), settings.key_fields(ignore=("deltas",)), quant and quant.tag)
+    folder = cache / "base" / f"{safe_filename(Path(spec).name)}{'-' + quant.tag if quant else ''}-{key}"
     if (folder / "rows.json").is_file():
         return BaseReference(
             spec, key, folder, DirectionResult.load(folder), read_json(folder / "rows.json")["rows"]
@@ -139,7 +140,7 @@ def base_reference(
     from refusal_probe.models.source import load_model
     from refusal_probe.probe.select import select_direction
 
-    model, tok = load_model(base_dir, device=settings.device, load_in_4bit=quantized)
+    model, tok = load_model(base_dir, device=settings.device, quant=quant)
     harmful, harmless = _capture_pair(model, tok, prompts, settings, label="base")
     result = select_direction(
         model,
@@ -211,7 +212,7 @@ def checkpoint_rows(
 
     if ckpt.kind == "full":
         _check_same_shape(ckpt, ref)
-    model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device, load_in_4bit=ckpt.quantized)
+    model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device, quant=ckpt.quant)
     harmful, harmless = _capture_pair(model, tok, prompts, settings, label=ckpt.key)
     del model
     dirs = diff_of_means(harmful, harmless)
@@ -246,7 +247,7 @@ def _check_same_shape(ckpt: Checkpoint, ref: BaseReference) -> None:
 
 
 def _entry_path(cache: Path, ckpt: Checkpoint, ref: BaseReference, settings: AnalyzeSettings) -> Path:
-    key = cache_key("ckpt", model_fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind, ckpt.quantized)
+    key = cache_key("ckpt", model_fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind, ckpt.quant and ckpt.quant.tag)
     return cache / "checkpoints" / safe_filename(ckpt.run) / f"{safe_filename(ckpt.name)}-{key}.json"
 
 
@@ -277,7 +278,7 @@ def analyze(
     refs: dict[tuple[str, bool], BaseReference] = {}
     for c in ckpts:
         if c.kind == "base" and _ref_key(c) not in refs:
-            refs[_ref_key(c)] = base_reference(c.base, c.path, settings, prompts, cache, quantized=c.quantized)
+            refs[_ref_key(c)] = base_reference(c.base, c.path, settings, prompts, cache, quant=c.quant)
 
     todo = [c for c in ckpts if c.kind != "base"]
     if shard_ij:
@@ -302,13 +303,13 @@ def analyze(
     return assemble(root, out, ckpts, refs, settings, prompts, behaviour, time.time() - started)
 
 
-def _ref_key(c: Checkpoint) -> tuple[str, bool]:
+def _ref_key(c: Checkpoint) -> tuple[str, str]:
     """Runs share a base reference when they share the base model and its precision (QLoRA: the 4-bit base)."""
-    return (c.base, c.quantized)
+    return (c.base, c.quant.tag if c.quant else "")
 
 
-def _ref_name(key: tuple[str, bool]) -> str:
-    return f"{key[0]} (nf4)" if key[1] else key[0]
+def _ref_name(key: tuple[str, str]) -> str:
+    return f"{key[0]} ({key[1]})" if key[1] else key[0]
 
 
 def default_out(root: Path) -> Path:

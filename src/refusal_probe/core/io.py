@@ -7,9 +7,12 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from refusal_probe.core.errors import UserError
 
 
 def safe_filename(text: str) -> str:
@@ -61,3 +64,53 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------ output folders
+
+OUTPUT_MARKER = ".refusal-probe-output"  # tree discovery skips folders holding it: outputs are never inputs
+
+
+def prepare_output(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create ``path`` (and its marker) and prove it writable, before any model is loaded.
+
+    An unwritable default inside a read-only tree is found here, with the flag that fixes it, instead of as an
+    internal error after an hour of work.
+    """
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+        marker = path / OUTPUT_MARKER
+        if not marker.exists():
+            marker.write_text("refusal-probe writes here; checkpoint discovery skips this folder\n")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"{flag} {path}: cannot write there ({reason}); pass {flag} DIR with a writable folder") from None
+    return path
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder: a second run on the same folder is told, not interleaved."""
+    import fcntl
+
+    lock_path = Path(path) / ".lock"
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{path}: another {command} run ({holder}) is writing this folder; wait for it to "
+                            "finish or pass --out DIR") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

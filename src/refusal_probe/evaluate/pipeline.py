@@ -104,7 +104,7 @@ def settings_hash(settings: EvalSettings, judge_signature: str, fingerprint: str
 
 def eval_dir_for(out: Path, ckpt) -> Path:
     if ckpt.kind == "base":
-        return out / "_base" / (safe_name(ckpt.base or str(ckpt.path)) + ("-nf4" if ckpt.quantized else ""))
+        return out / "_base" / (safe_name(ckpt.base or str(ckpt.path)) + (f"-{ckpt.quant.tag}" if ckpt.quant else ""))
     return out / ckpt.run / ckpt.name
 
 
@@ -190,9 +190,9 @@ def _dtype(name: str):
 def load_checkpoint(ckpt, *, device: str, dtype: str):
     from refusal_probe.models.source import load_model
 
-    if ckpt.kind == "adapter":
-        return load_model(ckpt.path, base=ckpt.base, dtype=_dtype(dtype), device=device, load_in_4bit=ckpt.quantized)
-    return load_model(ckpt.path, dtype=_dtype(dtype), device=device, load_in_4bit=ckpt.quantized)
+    # a full checkpoint takes the base's tokenizer when it has none (HF Trainer saves none without one)
+    base = None if ckpt.kind == "base" else ckpt.base
+    return load_model(ckpt.path, base=base, dtype=_dtype(dtype), device=device, quant=ckpt.quant)
 
 
 def judge_responses(
@@ -311,7 +311,7 @@ def evaluate_checkpoint(
         "checkpoint": {
             "run": ckpt.run, "name": ckpt.name, "kind": ckpt.kind, "path": str(ckpt.path), "base": ckpt.base,
             "method": ckpt.method, "lr": ckpt.lr, "step": ckpt.step, "fraction": ckpt.fraction,
-            "quantized": ckpt.quantized,
+            "quantized": ckpt.quant.to_json() if ckpt.quant else None,
         },
         "metrics": metrics,
         "signatures": signatures,

@@ -14,6 +14,7 @@ from typing import Any
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.io import read_json
 from refusal_probe.models import embedded
+from refusal_probe.models.quant import QuantSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,21 +30,60 @@ def is_model_dir(path: Path) -> bool:
     )
 
 
+def looks_local(spec: str) -> bool:
+    """A spec a user meant as a path: starts with '.', '/' or '~', or its first component exists here.
+
+    Such a spec is never sent to the hub, so a typo reads "no such folder", not a network error.
+    """
+    text = str(spec)
+    if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text):
+        return True
+    first = Path(text).parts[0] if Path(text).parts else ""
+    return bool(first) and Path(first).exists()
+
+
+def resolve_relative(spec: str, folder: Path) -> str:
+    """A path recorded in a file (run.json, adapter_config.json) read relative to that file's folder."""
+    text = str(spec)
+    if text in embedded.EMBEDDED or os.path.isabs(text) or text.startswith("~"):
+        return text
+    candidate = folder / text
+    if text.startswith(".") or candidate.exists():
+        return str(candidate.resolve())
+    return text  # a hub id
+
+
+def pickle_only(path: Path) -> bool:
+    """Weights only as pickle files (pytorch_model.bin, *.pt, *.pth, *.ckpt), no safetensors."""
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return False
+    return any(p.suffix in (".bin", ".pt", ".pth", ".ckpt") for p in path.iterdir() if p.is_file())
+
+
+PICKLE_ADVICE = (
+    "refusal-probe never unpickles weights (a pickle can run code); convert once with "
+    "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir_out, safe_serialization=True)"
+)
+
+
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
     """A local directory holding the model (full weights or adapter) that ``spec`` names."""
     text = str(spec)
     if text in embedded.EMBEDDED:
         return embedded.fetch(text)
     path = Path(text).expanduser()
+    if not path.exists() and looks_local(text):
+        raise UserError(f"{text}: no such file or folder")
     if path.exists():
         if path.is_file():
             if path.suffix.lower() == ".gguf":
                 return _gguf_dir(path)
             raise UserError(f"{path}: a model is a directory, a .gguf file, an embedded name or a hub id")
         if is_model_dir(path) or is_adapter_dir(path):
+            check_config(path)
             return path
-        if (path / "config.json").is_file() and any(path.glob("*.bin")):
-            raise UserError(f"{path}: only safetensors weights are supported; re-save with save_pretrained()")
+        if pickle_only(path):
+            raise UserError(f"{path}: only pickle weights (*.bin/*.pt); {PICKLE_ADVICE}")
         raise UserError(f"{path}: no model here (no config.json with *.safetensors, no {ADAPTER_CONFIG})")
     if HUB_ID.match(text):
         return _hub_dir(text)
@@ -70,9 +110,24 @@ def _hub_dir(repo_id: str) -> Path:
     except Exception as exc:  # offline, gated, missing: all need the same advice
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason}); pass a local directory or .gguf file, "
-            f"or use the embedded model '{embedded.DEFAULT_MODEL}' (no hub needed)"
+            f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason}); download it where the hub is reachable "
+            f"and pass the local folder (or .gguf file) instead, with --base DIR where it is a tree's base"
         ) from None
+
+
+def check_config(path: Path) -> None:
+    """config.json of a model folder must be a JSON object: name the file, not a loader's stack."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return
+    try:
+        raw = read_json(cfg)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{cfg}: not valid JSON ({_first_line(exc)}); restore it from the training run"
+        ) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{cfg}: expected a JSON object; restore it from the training run")
 
 
 def model_revision(spec: str) -> str | None:
@@ -107,9 +162,9 @@ def adapter_base(adapter_dir: Path) -> str | None:
     base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         return None
-    if not Path(base).exists() and Path(base).name in embedded.EMBEDDED:
+    if not Path(base).expanduser().exists() and Path(base).name in embedded.EMBEDDED:
         return Path(base).name  # trained on another machine against the same embedded model
-    return base
+    return resolve_relative(base, adapter_dir)
 
 
 def load_tokenizer(path: Path, fallback: Path | None = None):
@@ -119,7 +174,9 @@ def load_tokenizer(path: Path, fallback: Path | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(str(src))
     except (OSError, ValueError) as exc:
-        raise UserError(f"{src}: no usable tokenizer ({_first_line(exc)}); pass --base MODEL to take the base's") from None
+        raise UserError(
+            f"{src}: no usable tokenizer ({_first_line(exc)}); pass --base MODEL to take the base's"
+        ) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -132,7 +189,7 @@ def load_model(
     base: str | None = None,
     dtype: Any = None,
     device: str = "cpu",
-    load_in_4bit: bool = False,
+    quant: QuantSpec | None = None,
 ):
     """(model, tokenizer) for full weights or a PEFT adapter over its base; eval mode, left-padding tokenizer."""
     import torch
@@ -148,8 +205,10 @@ def load_model(
             raise UserError(f"{path}: adapter names no base model; pass --base MODEL")
         base_dir = resolve_model_dir(base_spec)
         if is_adapter_dir(base_dir):
-            raise UserError(f"{base_dir}: the base of adapter {path} is itself an adapter; pass --base with full weights")
-        model = _from_pretrained(AutoModelForCausalLM, base_dir, dtype, device, load_in_4bit)
+            raise UserError(
+                f"{base_dir}: the base of adapter {path} is itself an adapter; pass --base with full weights"
+            )
+        model = _from_pretrained(AutoModelForCausalLM, base_dir, dtype, device, quant)
         from peft import PeftModel
         from safetensors import SafetensorError
 
@@ -157,11 +216,14 @@ def load_model(
         try:
             model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
         except (RuntimeError, ValueError, KeyError, SafetensorError) as exc:
-            raise UserError(f"{path}: adapter does not fit base {base_spec} ({_first_line(exc)}); pass the right --base") from None
+            raise UserError(
+                f"{path}: adapter does not fit base {base_spec} ({_first_line(exc)}); pass the right --base"
+            ) from None
         tokenizer = load_tokenizer(path, fallback=base_dir)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, path, dtype, device, load_in_4bit)
+        model = _from_pretrained(AutoModelForCausalLM, path, dtype, device, quant)
         tokenizer = load_tokenizer(path, fallback=resolve_model_dir(base) if base else None)
+    check_finite(model, path)
     model.eval()
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -177,30 +239,39 @@ def verify_safetensors(path: Path) -> None:
             with safe_open(str(file), framework="pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise UserError(f"{file}: truncated or corrupt safetensors file ({_first_line(exc)}); copy or save it again") from None
+            raise UserError(
+                f"{file}: truncated or corrupt safetensors file ({_first_line(exc)}); copy or save it again"
+            ) from None
 
 
-def _from_pretrained(cls, path: Path, dtype, device: str, load_in_4bit: bool):
+def check_finite(model, path: Path) -> None:
+    """Refuse weights holding NaN or inf (a diverged run): every number measured on them would be meaningless."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise UserError(
+                f"{path}: weight {name} holds NaN or inf values (training diverged?); "
+                "remove this checkpoint from the tree or retrain it"
+            )
+
+
+def _from_pretrained(cls, path: Path, dtype, device: str, quant: QuantSpec | None):
     verify_safetensors(path)
+    check_config(path)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if load_in_4bit:
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
-        )
+    if quant is not None:
+        kwargs["quantization_config"] = quant.bnb_config(device)
         kwargs["device_map"] = device
     from safetensors import SafetensorError
 
     try:
         model = cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise UserError(f"{path}: cannot load weights ({_first_line(exc)}); check the files are complete") from None
-    if not load_in_4bit:
+        raise UserError(
+            f"{path}: cannot load weights ({_first_line(exc)}); check the files are complete"
+        ) from None
+    if quant is None:
         model.to(device)
     elif not device.startswith("cuda"):
         # bitsandbytes on CPU dequantizes every 4-bit weight on every forward, which makes generation crawl.
@@ -234,7 +305,13 @@ def decoder_layers(model):
     import torch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    for path in (
+        "model.layers",
+        "model.language_model.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.decoder.layers",
+    ):
         obj = inner
         for attr in path.split("."):
             obj = getattr(obj, attr, None)
@@ -246,4 +323,6 @@ def decoder_layers(model):
     for module in inner.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
             return module
-    raise UserError(f"cannot find the transformer blocks of {type(inner).__name__}; this architecture is not supported")
+    raise UserError(
+        f"cannot find the transformer blocks of {type(inner).__name__}; this architecture is not supported"
+    )

@@ -21,6 +21,7 @@ from typing import Any
 from refusal_probe.core.errors import UserError
 from refusal_probe.data import translation as tdata
 from refusal_probe.models.manifest import MANIFEST, RunManifest
+from refusal_probe.models.quant import QuantSpec
 from refusal_probe.train.callbacks import (
     FractionCheckpoints,
     ManifestWriter,
@@ -94,16 +95,8 @@ def _dtype(config: TrainConfig):
 
 
 def bnb_config(config: TrainConfig):
-    """QLoRA's 4-bit base: NF4, double quantisation, compute in float32 on CPU and bfloat16 on CUDA."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=config.qlora_quant_type,
-        bnb_4bit_use_double_quant=config.qlora_double_quant,
-        bnb_4bit_compute_dtype=torch.bfloat16 if config.device == "cuda" else torch.float32,
-    )
+    """QLoRA's 4-bit base from the one quantization spec that eval and analyze read back from run.json."""
+    return QuantSpec(config.qlora_quant_type, config.qlora_double_quant).bnb_config(config.device)
 
 
 def lora_config(config: TrainConfig):

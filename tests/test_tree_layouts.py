@@ -1,0 +1,253 @@
+"""Checkpoint trees as the field's own tools write them, read by `analyze` and `eval` alike.
+
+The study's layout comes from real HF `Trainer`, TRL `SFTTrainer` (LoRA) and TRL `DPOTrainer` runs on a tiny model:
+``save_steps=0.25`` writes ``checkpoint-N/`` folders with ``trainer_state.json``, and a final ``save_model()`` puts
+the final model (or adapter) at the run's root. Nothing here is written by refusal-probe's own `train`.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from refusal_probe.cli import main
+from refusal_probe.models.tree import FINAL, discover
+
+ANALYZE = [
+    "--n-prompts",
+    "8",
+    "--n-val",
+    "4",
+    "--batch-size",
+    "8",
+    "--layer",
+    "2",
+    "--position",
+    "-1",
+    "--no-separability",
+    "--no-progress",
+]
+EVAL = [
+    "--n-advbench",
+    "2",
+    "--n-translation",
+    "2",
+    "--max-new-tokens",
+    "3",
+    "--batch-size",
+    "2",
+    "--no-progress",
+]
+
+
+def _sft_rows(tok, n: int = 8):
+    from datasets import Dataset
+
+    texts = [f"Guten Morgen {i}. -> Good morning {i}." for i in range(n)]
+    enc = tok(texts, padding="max_length", max_length=16, truncation=True)
+    return Dataset.from_dict(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]}
+    )
+
+
+def _args(cls, out: Path, lr: float, max_steps: int, **kw):
+    return cls(
+        output_dir=str(out),
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=0.25,
+        per_device_train_batch_size=2,
+        learning_rate=lr,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_only_model=True,
+        disable_tqdm=True,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def study_tree(tmp_path_factory, tiny_llama) -> Path:
+    """Three runs named as the study named its runs, each written by the library that trains it."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    root = tmp_path_factory.mktemp("study") / "ckpt"
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+
+    # 1. HF Trainer, full fine-tuning, 8 steps: checkpoint-2/4/6/8, then save_model() and save_state() at the root
+    out = root / "tiny-translation-full-lr5e-05-bs8"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    trainer = Trainer(model=model, args=_args(TrainingArguments, out, 5e-5, 8), train_dataset=_sft_rows(tok))
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+
+    # 2. TRL SFTTrainer + LoRA, 10 steps: checkpoint-3/6/9/10, and the step-10 adapter at the root (no save_state)
+    out = root / "tiny-translation-lora-lr0.0001-bs8"
+    data = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f"Hallo {i}"}] for i in range(8)],
+            "completion": [[{"role": "assistant", "content": f"Hello {i}"}] for i in range(8)],
+        }
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    sft = SFTTrainer(
+        model=model,
+        args=_args(SFTConfig, out, 1e-4, 10, bf16=False, gradient_checkpointing=False, max_length=32),
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
+    sft.train()
+    sft.save_model()
+
+    # 3. TRL DPOTrainer, full parameters, 4 steps, a run name that does not say "dpo"
+    out = root / "pref-lr1e-05"
+    pairs = Dataset.from_dict(
+        {
+            "prompt": [f"Translate: Hallo {i}" for i in range(8)],
+            "chosen": [f"Hello {i}" for i in range(8)],
+            "rejected": [f"Hallo {i}" for i in range(8)],
+        }
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    dpo = DPOTrainer(
+        model=model,
+        args=_args(DPOConfig, out, 1e-5, 4, bf16=False, gradient_checkpointing=False, max_length=32),
+        train_dataset=pairs,
+        processing_class=tok,
+    )
+    dpo.train()
+    dpo.save_model()
+    return root
+
+
+def test_study_layout_every_checkpoint_with_its_metadata(study_tree, tiny_llama):
+    tree = discover(study_tree, base=str(tiny_llama))
+    found = {(c.run, c.name): c for c in tree}
+    full = "tiny-translation-full-lr5e-05-bs8"
+    lora = "tiny-translation-lora-lr0.0001-bs8"
+    got = {
+        run: sorted((c.step, c.fraction) for (r, _), c in found.items() if r == run)
+        for run in (full, lora, "pref-lr1e-05")
+    }
+    # each root model is its run's last checkpoint byte for byte: counted once, and said so
+    assert got[full] == [(0, 0.0), (2, 0.25), (4, 0.5), (6, 0.75), (8, 1.0)]
+    assert got[lora] == [(0, 0.0), (3, 0.3), (6, 0.6), (9, 0.9), (10, 1.0)]
+    assert got["pref-lr1e-05"] == [(0, 0.0), (1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]
+    assert sum("counted once" in note for note in tree.notes) == 3
+    assert all(c.kind == "adapter" for (r, n), c in found.items() if r == lora and n != "base")
+    assert {c.method for (r, _), c in found.items() if r == full} == {"full"}
+    assert {c.method for (r, _), c in found.items() if r == lora} == {"lora"}
+    assert {c.method for (r, _), c in found.items() if r == "pref-lr1e-05"} == {"dpo"}
+    assert {c.lr for (r, _), c in found.items() if r == full} == {5e-5}
+    assert {c.lr for (r, _), c in found.items() if r == lora} == {1e-4}
+    assert found[("pref-lr1e-05", "checkpoint-4")].meta_source["method"].startswith("trainer_state.json")
+    # without --base the full and DPO runs cannot name their base: named, not dropped; LoRA takes its own
+    tree = discover(study_tree)
+    assert {c.run for c in tree} == {lora}
+    assert sorted(Path(s["path"]).name for s in tree.skipped) == sorted([full, "pref-lr1e-05"])
+    assert all("--base" in s["reason"] for s in tree.skipped)
+
+
+def test_study_layout_analyze_and_eval_find_every_checkpoint(study_tree, tiny_llama, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in study_tree.rglob("*") if p.is_file()}
+    out = tmp_path / "analysis"
+    assert (
+        main(
+            [
+                "analyze",
+                str(study_tree),
+                "--base",
+                str(tiny_llama),
+                "--out",
+                str(out),
+                "--no-deltas",
+                *ANALYZE,
+            ]
+        )
+        == 0
+    )
+    rows = pd.read_csv(out / "checkpoints.csv")
+    keys = set(zip(rows["run"], rows["step"], strict=True))
+    assert len(keys) == 15  # 3 bases + 4 + 4 + 4 checkpoints
+    assert ("tiny-translation-lora-lr0.0001-bs8", 10) in keys
+    assert set(rows[rows["run"] == "pref-lr1e-05"]["method"]) == {"dpo"}
+
+    ev = tmp_path / "eval"
+    assert main(["eval", str(study_tree), "--base", str(tiny_llama), "--out", str(ev), *EVAL]) == 0
+    with open(ev / "behaviour.csv", newline="") as f:
+        beh = [r for r in csv.DictReader(f) if r["metric"] == "refusal_rate"]
+    assert {(r["run"], int(r["step"])) for r in beh} == keys
+    assert {p: p.stat().st_mtime_ns for p in study_tree.rglob("*") if p.is_file()} == before
+
+
+@pytest.fixture(scope="module")
+def plain_tree(tmp_path_factory, tiny_llama) -> Path:
+    """step_N folders from a custom loop (save_pretrained) and a plain save_pretrained adapter with no step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("plain") / "runs"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    for step in (5, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        model.save_pretrained(root / "custom-full-lr2e-05" / f"step_{step}")
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(root / "custom-full-lr2e-05")  # a final model at the root that is no checkpoint
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(root / "my-adapter")
+    shutil.copytree(
+        tiny_llama, root / "base-model"
+    )  # the base beside the runs is the runs' step 0, not a run
+    return root
+
+
+def test_step_folders_and_plain_adapters(plain_tree, tiny_llama):
+    tree = discover(plain_tree, base=str(plain_tree / "base-model"))
+    got = sorted((c.run, c.name, c.step, c.kind) for c in tree)
+    assert got == [
+        ("base-model", "base", 0, "base"),
+        ("base-model", "base-model", None, "full"),
+        ("custom-full-lr2e-05", "base", 0, "base"),
+        ("custom-full-lr2e-05", FINAL, None, "full"),
+        ("custom-full-lr2e-05", "step_10", 10, "full"),
+        ("custom-full-lr2e-05", "step_5", 5, "full"),
+        ("my-adapter", "base", 0, "base"),
+        ("my-adapter", "my-adapter", None, "adapter"),
+    ]
+    # without --base: the adapter takes its base from adapter_config.json; the step_N run has none and is named
+    tree = discover(plain_tree)
+    assert {(c.run, c.name) for c in tree} >= {("my-adapter", "my-adapter")}
+    assert [Path(s["path"]).name for s in tree.skipped] == ["custom-full-lr2e-05"]
+
+
+def test_rows_without_a_step_join_their_behaviour(plain_tree, tmp_path):
+    adapter = plain_tree / "my-adapter"
+    ev = tmp_path / "eval"
+    assert main(["eval", str(adapter), "--out", str(ev), *EVAL]) == 0
+    out = tmp_path / "analysis"
+    assert (
+        main(["analyze", str(adapter), "--out", str(out), "--behaviour", str(ev / "behaviour.csv"), *ANALYZE])
+        == 0
+    )
+    beh = pd.read_csv(out / "behaviour.csv")
+    assert set(beh["checkpoint"]) == {"base", "my-adapter"}
+    joined = pd.read_csv(out / "checkpoints.csv")
+    row = joined[joined["checkpoint"] == "my-adapter"]
+    assert len(row) == 1 and row["refusal_rate"].notna().all()
