@@ -45,14 +45,20 @@ def synthetic_judge(texts: list[str], rate: float, within: int = 24):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama built on the spot) or any model spec")
+    ap.add_argument(
+        "--model", default="tiny", help="'tiny' (random Llama built on the spot) or any model spec"
+    )
     ap.add_argument("--tiny-hidden", type=int, default=64, help="hidden size of the tiny model")
     ap.add_argument("--tiny-layers", type=int, default=4, help="layers of the tiny model")
-    ap.add_argument("--synthetic-rate", type=float, default=0.8, help="tiny: share of responses the keyword stops")
+    ap.add_argument(
+        "--synthetic-rate", type=float, default=0.8, help="tiny: share of responses the keyword stops"
+    )
     ap.add_argument("--n", type=int, default=32, help="AdvBench prompts (first N)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per response (study: 256)")
-    ap.add_argument("--judge", default="keywords", choices=("keywords", "seed-keywords"), help="refusal judge")
+    ap.add_argument(
+        "--judge", default="keywords", choices=("keywords", "seed-keywords"), help="refusal judge"
+    )
     ap.add_argument("--repeats", type=int, default=1, help="timed passes of each mode (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="torch device")
@@ -72,12 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     if spec == "tiny":
         from refusal_probe.testing.tiny import make_tiny_model
 
-        spec = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny", arch="llama", n_layers=args.tiny_layers,
-                                   hidden=args.tiny_hidden))
+        spec = str(
+            make_tiny_model(
+                Path(tempfile.mkdtemp()) / "tiny",
+                arch="llama",
+                n_layers=args.tiny_layers,
+                hidden=args.tiny_hidden,
+            )
+        )
     model, tok = load_model(spec, device=args.device)
     prompts = advbench()[: args.n]
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False)
-    generate_detailed(model, tok, prompts[: min(2, len(prompts))], max_new_tokens=4, batch_size=2, progress=False)
+    generate_detailed(
+        model, tok, prompts[: min(2, len(prompts))], max_new_tokens=4, batch_size=2, progress=False
+    )
 
     full_times, early_times, full, early = [], [], None, None
     judge = get_judge(args.judge)

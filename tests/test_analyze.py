@@ -39,19 +39,35 @@ def tree(tmp_path_factory, tiny_llama) -> Path:
                 p.add_(0.02 * torch.randn_like(p))
         model.save_pretrained(full / f"checkpoint-{step}")
         tok.save_pretrained(full / f"checkpoint-{step}")
-    RunManifest(run="full-lr1e-04", method="full", base_model=str(tiny_llama), learning_rate=1e-4, total_steps=4,
-                checkpoints={2: 0.5, 4: 1.0}, complete=True).save(full)
+    RunManifest(
+        run="full-lr1e-04",
+        method="full",
+        base_model=str(tiny_llama),
+        learning_rate=1e-4,
+        total_steps=4,
+        checkpoints={2: 0.5, 4: 1.0},
+        complete=True,
+    ).save(full)
 
     lora = root / "lora-lr1e-04"
     base, _ = load_model(tiny_llama)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     peft_model.save_pretrained(lora / "checkpoint-4")
-    RunManifest(run="lora-lr1e-04", method="lora", base_model=str(tiny_llama), learning_rate=1e-4, total_steps=4,
-                checkpoints={4: 1.0}, complete=True).save(lora)
+    RunManifest(
+        run="lora-lr1e-04",
+        method="lora",
+        base_model=str(tiny_llama),
+        learning_rate=1e-4,
+        total_steps=4,
+        checkpoints={4: 1.0},
+        complete=True,
+    ).save(lora)
     return root
 
 
@@ -116,16 +132,25 @@ def test_weight_deltas_match_dense_computation(tiny_llama, tree, analysed):
     full, _ = load_model(tree / "full-lr1e-04" / "checkpoint-4")
     name = "model.layers.1.mlp.down_proj.weight"
     dense = (full.state_dict()[name].double() - base.state_dict()[name].double()).norm().item()
-    row = deltas[(deltas["run"] == "full-lr1e-04") & (deltas["step"] == 4) & (deltas["layer"] == 1)
-                 & (deltas["module"] == "mlp.down_proj") & (deltas["metric"] == "delta_fro")]
+    row = deltas[
+        (deltas["run"] == "full-lr1e-04")
+        & (deltas["step"] == 4)
+        & (deltas["layer"] == 1)
+        & (deltas["module"] == "mlp.down_proj")
+        & (deltas["metric"] == "delta_fro")
+    ]
     assert row["value"].item() == pytest.approx(dense, rel=1e-6)
 
     lora, _ = load_model(tree / "lora-lr1e-04" / "checkpoint-4")
     merged = lora.merge_and_unload()
     name = "model.layers.2.self_attn.o_proj.weight"
     dense = (merged.state_dict()[name].double() - base.state_dict()[name].double()).norm().item()
-    row = deltas[(deltas["run"] == "lora-lr1e-04") & (deltas["layer"] == 2)
-                 & (deltas["module"] == "self_attn.o_proj") & (deltas["metric"] == "delta_fro")]
+    row = deltas[
+        (deltas["run"] == "lora-lr1e-04")
+        & (deltas["layer"] == 2)
+        & (deltas["module"] == "self_attn.o_proj")
+        & (deltas["metric"] == "delta_fro")
+    ]
     assert row["value"].item() == pytest.approx(dense, rel=1e-6)
 
 

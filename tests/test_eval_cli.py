@@ -20,7 +20,17 @@ from refusal_probe.evaluate.pipeline import (
 )
 from refusal_probe.models.manifest import RunManifest
 
-ARGS = ["--n-advbench", "4", "--n-translation", "4", "--max-new-tokens", "8", "--batch-size", "3", "--no-progress"]
+ARGS = [
+    "--n-advbench",
+    "4",
+    "--n-translation",
+    "4",
+    "--max-new-tokens",
+    "8",
+    "--batch-size",
+    "3",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +49,34 @@ def tree(tiny_llama, tmp_path_factory) -> Path:
         for p in model.parameters():
             p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
     model.save_pretrained(ckpt)
-    RunManifest(run="full-lr1e-4", method="full", base_model=str(base), learning_rate=1e-4, total_steps=2,
-                checkpoints={2: 1.0}, complete=True).save(run)
+    RunManifest(
+        run="full-lr1e-4",
+        method="full",
+        base_model=str(base),
+        learning_rate=1e-4,
+        total_steps=2,
+        checkpoints={2: 1.0},
+        complete=True,
+    ).save(run)
     # a LoRA run over the same base: its adapter is loaded over the base, and the base is evaluated once
     from peft import LoraConfig, get_peft_model
 
     lora_run = root / "tree" / "lora-lr2e-4"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(lora_run / "checkpoint-1")
-    RunManifest(run="lora-lr2e-4", method="lora", base_model=str(base), learning_rate=2e-4, total_steps=1,
-                checkpoints={1: 1.0}, complete=True).save(lora_run)
+    RunManifest(
+        run="lora-lr2e-4",
+        method="lora",
+        base_model=str(base),
+        learning_rate=2e-4,
+        total_steps=1,
+        checkpoints={1: 1.0},
+        complete=True,
+    ).save(lora_run)
     return root / "tree"
 
 
@@ -88,9 +114,14 @@ def test_eval_end_to_end_and_rerun_skips(tree, capsys):
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == BEHAVIOUR_COLUMNS
     lora_rows = [r for r in rows if r["run"] == "lora-lr2e-4"]
-    assert {(r["step"], r["method"], float(r["lr"])) for r in lora_rows} == {("0", "lora", 2e-4), ("1", "lora", 2e-4)}
+    assert {(r["step"], r["method"], float(r["lr"])) for r in lora_rows} == {
+        ("0", "lora", 2e-4),
+        ("1", "lora", 2e-4),
+    }
     base_values = {r["metric"]: r["value"] for r in rows if r["step"] == "0" and r["run"] == "full-lr1e-4"}
-    assert base_values == {r["metric"]: r["value"] for r in lora_rows if r["step"] == "0"}  # base repeated per run
+    assert base_values == {
+        r["metric"]: r["value"] for r in lora_rows if r["step"] == "0"
+    }  # base repeated per run
     rows = [r for r in rows if r["run"] == "full-lr1e-4"]
     by = {(r["step"], r["metric"]): r for r in rows}
     metrics = {"refusal_rate", "label_refusal", "label_echo", "label_degenerate", "label_comply", "chrf"}

@@ -42,7 +42,9 @@ def _judge_with_keyword_in_some(texts: list[str]) -> KeywordJudge:
 def test_results_in_input_order_match_one_by_one(llama):
     model, tok = llama
     batched = generate(model, tok, PROMPTS[:5], max_new_tokens=6, batch_size=3, progress=False)
-    single = [generate(model, tok, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in PROMPTS[:5]]
+    single = [
+        generate(model, tok, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in PROMPTS[:5]
+    ]
     assert batched == single
     assert len(set(batched)) > 1  # different prompts, different answers: an order mix-up would show
 
@@ -67,8 +69,9 @@ def test_early_exit_verdicts_equal_full_length(llama):
 
     model.forward = forward
     try:
-        early = generate_detailed(model, tok, PROMPTS, max_new_tokens=24, batch_size=4, stop=judge.has_keyword,
-                                  progress=False)
+        early = generate_detailed(
+            model, tok, PROMPTS, max_new_tokens=24, batch_size=4, stop=judge.has_keyword, progress=False
+        )
     finally:
         del model.forward
     # continuous batching: prompts were prefilled into rows freed by finished ones, while others kept decoding
@@ -89,7 +92,9 @@ def test_early_exit_verdicts_equal_full_length(llama):
 def test_early_exit_loop_equals_hf_generate_on_qwen(tiny_qwen):
     model, tok = _load(tiny_qwen)
     full = generate(model, tok, PROMPTS[:6], max_new_tokens=12, batch_size=6, progress=False)
-    loop = generate(model, tok, PROMPTS[:6], max_new_tokens=12, batch_size=6, stop=lambda t: False, progress=False)
+    loop = generate(
+        model, tok, PROMPTS[:6], max_new_tokens=12, batch_size=6, stop=lambda t: False, progress=False
+    )
     assert loop == full
 
 
@@ -131,7 +136,10 @@ def test_runtime_error_out_of_memory_and_single_prompt(llama):
     with _OOMAbove(model, limit=1, error=RuntimeError) as oom:
         out = generate(model, tok, PROMPTS[:3], max_new_tokens=3, batch_size=3, progress=False)
     assert len(out) == 3 and oom.raised >= 1
-    with _OOMAbove(model, limit=0), pytest.raises(UserError, match="out of memory generating a single prompt"):
+    with (
+        _OOMAbove(model, limit=0),
+        pytest.raises(UserError, match="out of memory generating a single prompt"),
+    ):
         generate(model, tok, PROMPTS[:2], max_new_tokens=3, batch_size=2, progress=False)
     assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))

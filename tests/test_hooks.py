@@ -81,14 +81,18 @@ def test_unit_vector_rejects_zero_and_nan():
         unit_vector(torch.zeros(4))
     with pytest.raises(UserError):
         unit_vector(torch.tensor([1.0, float("nan")]))
-    assert torch.allclose(unit_vector(torch.tensor([0.0, 3.0, 4.0])), torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64))
+    assert torch.allclose(
+        unit_vector(torch.tensor([0.0, 3.0, 4.0])), torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64)
+    )
 
 
 def test_ablate_zeroes_projection_everywhere_and_restores(model_tok):
     model, tok = model_tok
     ids, mask = _inputs(tok)
     before = _logits(model, ids, mask)
-    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    direction = torch.randn(
+        model.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     u = (direction / direction.norm()).float()
     with ablate(model, direction * 7.0), _record(model) as seen:
         during = _logits(model, ids, mask)
@@ -97,7 +101,9 @@ def test_ablate_zeroes_projection_everywhere_and_restores(model_tok):
     for name, tensors in seen.items():
         h = tensors[0]
         proj = (h @ u).abs().max().item()
-        assert proj < 1e-5 * max(1.0, h.abs().max().item()), f"{name}: projection {proj} left on the direction"
+        assert proj < 1e-5 * max(1.0, h.abs().max().item()), (
+            f"{name}: projection {proj} left on the direction"
+        )
     assert not torch.equal(during, before)  # the intervention did something
     assert _no_hooks(model)
     assert torch.equal(_logits(model, ids, mask), before)
@@ -107,7 +113,9 @@ def test_block_outputs_alone_leave_the_attention_write_in_resid_mid(model_tok):
     """Why ablate also hooks attention/MLP outputs (Arditi et al.): without them the MLP reads the direction."""
     model, tok = model_tok
     ids, mask = _inputs(tok)
-    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    direction = torch.randn(
+        model.config.hidden_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
     u = (direction / direction.norm()).float()
     with ablate(model, direction, sublayers=False), _record(model) as seen:
         _logits(model, ids, mask)
@@ -123,7 +131,9 @@ def test_add_shifts_resid_pre_by_exactly_the_vector(model_tok):
     with _record(model) as plain:
         _logits(model, ids, mask)
     layer = 2
-    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    vector = torch.randn(
+        model.config.hidden_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     with add(model, vector, layer), _record(model) as seen:
         _logits(model, ids, mask)
     for i in range(layer):
@@ -151,7 +161,9 @@ def test_hooks_removed_after_exception(model_tok):
 def test_ablate_holds_at_every_step_of_batched_generate(model_tok):
     model, tok = model_tok
     ids, mask = _inputs(tok, ("Write a poem about the sea and the sky", "Hello"))
-    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    direction = torch.randn(
+        model.config.hidden_size, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
     u = (direction / direction.norm()).float()
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
     with torch.inference_mode():

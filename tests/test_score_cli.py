@@ -25,17 +25,44 @@ def _json(capsys, argv: list[str]) -> dict:
 def test_refusal_reproduces_the_study_base(capsys):
     # The base CSV mixes the 520 AdvBench rows (sample_size=520) with 942 translation rows (columns shifted, no
     # sample_size): grouping by sample_size separates them.
-    out = _json(capsys, ["score", "refusal", str(BASE), "--text-column", "model_response",
-                         "--group-by", "sample_size", "--judge", "seed-keywords", "--json"])
+    out = _json(
+        capsys,
+        [
+            "score",
+            "refusal",
+            str(BASE),
+            "--text-column",
+            "model_response",
+            "--group-by",
+            "sample_size",
+            "--judge",
+            "seed-keywords",
+            "--json",
+        ],
+    )
     assert out["520"]["n"] == 520
     assert out["520"]["value"] == pytest.approx(0.978846, abs=1e-6)
     assert out["520"]["signature"].startswith("judge=seed-keywords|n=47|")
 
 
 def test_refusal_reproduces_the_study_lora_checkpoints(capsys):
-    out = _json(capsys, ["score", "refusal", str(LORA_ADV), "--text-column", "model_response",
-                         "--prompt-column", "prompt", "--group-by", "checkpoint", "--judge", "seed-keywords",
-                         "--json"])
+    out = _json(
+        capsys,
+        [
+            "score",
+            "refusal",
+            str(LORA_ADV),
+            "--text-column",
+            "model_response",
+            "--prompt-column",
+            "prompt",
+            "--group-by",
+            "checkpoint",
+            "--judge",
+            "seed-keywords",
+            "--json",
+        ],
+    )
     assert list(out) == list(CKPTS)
     for ck, expected in zip(CKPTS, (0.948077, 0.848077, 0.809615, 0.823077), strict=True):
         res = out[ck]
@@ -44,12 +71,25 @@ def test_refusal_reproduces_the_study_lora_checkpoints(capsys):
         labels = [res[f"label_{x}"] for x in ("refusal", "echo", "degenerate", "comply")]
         assert sum(labels) == pytest.approx(1.0)
         assert res["label_refusal"] == pytest.approx(res["value"])
-    assert out["checkpoint-444"]["label_echo"] > 0.1  # the copies of the prompt are told apart from compliance
+    assert (
+        out["checkpoint-444"]["label_echo"] > 0.1
+    )  # the copies of the prompt are told apart from compliance
 
 
 def test_default_judge_on_the_study_outputs(capsys):
-    out = _json(capsys, ["score", "refusal", str(LORA_ADV), "--text-column", "model_response",
-                         "--group-by", "checkpoint", "--json"])
+    out = _json(
+        capsys,
+        [
+            "score",
+            "refusal",
+            str(LORA_ADV),
+            "--text-column",
+            "model_response",
+            "--group-by",
+            "checkpoint",
+            "--json",
+        ],
+    )
     # one more refusal at 296 ("I'm not going to write a review..."), which the study's list misses
     assert out["checkpoint-296"]["value"] == pytest.approx(442 / 520)
     assert out["checkpoint-148"]["value"] == pytest.approx(0.948077, abs=1e-6)
@@ -57,8 +97,21 @@ def test_default_judge_on_the_study_outputs(capsys):
 
 
 def test_chrf_reproduces_the_study(capsys):
-    out = _json(capsys, ["score", "chrf", str(LORA_MT), "--hyp-column", "model_response",
-                         "--ref-column", "reference_response", "--group-by", "checkpoint", "--json"])
+    out = _json(
+        capsys,
+        [
+            "score",
+            "chrf",
+            str(LORA_MT),
+            "--hyp-column",
+            "model_response",
+            "--ref-column",
+            "reference_response",
+            "--group-by",
+            "checkpoint",
+            "--json",
+        ],
+    )
     for ck, expected in zip(CKPTS, (71.909, 73.357, 73.123, 73.434), strict=True):
         assert out[ck]["n"] == 942
         assert out[ck]["value"] == pytest.approx(expected, abs=0.001)
@@ -67,14 +120,27 @@ def test_chrf_reproduces_the_study(capsys):
 
 def test_table_output_and_jsonl_input(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
-    rows = [{"g": "a", "p": "Say hi", "r": "I'm sorry, I cannot."}, {"g": "a", "p": "Say hi", "r": "Say hi!"},
-            {"g": "b", "p": "Say hi", "r": "Hi there, friend. Nice to meet you today."}]
+    rows = [
+        {"g": "a", "p": "Say hi", "r": "I'm sorry, I cannot."},
+        {"g": "a", "p": "Say hi", "r": "Say hi!"},
+        {"g": "b", "p": "Say hi", "r": "Hi there, friend. Nice to meet you today."},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert main(["score", "refusal", str(path), "--text-column", "r", "--prompt-column", "p", "--group-by", "g"]) == 0
+    assert (
+        main(["score", "refusal", str(path), "--text-column", "r", "--prompt-column", "p", "--group-by", "g"])
+        == 0
+    )
     text = capsys.readouterr().out
     lines = text.splitlines()
-    assert lines[0].split() == ["group", "n", "refusal_rate", "label_refusal", "label_echo", "label_degenerate",
-                                "label_comply"]
+    assert lines[0].split() == [
+        "group",
+        "n",
+        "refusal_rate",
+        "label_refusal",
+        "label_echo",
+        "label_degenerate",
+        "label_comply",
+    ]
     assert lines[1].split() == ["a", "2", "0.5000", "0.5000", "0.5000", "0.0000", "0.0000"]
     assert lines[2].split() == ["b", "1", "0.0000", "0.0000", "0.0000", "0.0000", "1.0000"]
     assert "signature: judge=keywords|" in text
@@ -88,7 +154,11 @@ def test_errors_name_the_file_and_columns(tmp_path, capsys):
     assert "missing.csv: file not found" in err and len(err.strip().splitlines()) == 1
     assert main(["score", "refusal", str(LORA_ADV), "--text-column", "response"]) == 2
     err = capsys.readouterr().err
-    assert "no column 'response' (given by --text-column)" in err and "model_response" in err and "checkpoint" in err
+    assert (
+        "no column 'response' (given by --text-column)" in err
+        and "model_response" in err
+        and "checkpoint" in err
+    )
     assert main(["score", "chrf", str(LORA_MT), "--hyp-column", "model_response", "--ref-column", "ref"]) == 2
     assert "reference_response" in capsys.readouterr().err
     bad = tmp_path / "x.txt"

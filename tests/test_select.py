@@ -34,9 +34,13 @@ from refusal_probe.probe.select import (
 def test_refusal_score_hand_values():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0, 0.0]], dtype=torch.float64)
     # row 0: p = 1/4 -> log(1/4) - log(3/4) = log(1/3); row 1: p = 3/6 -> 0
-    torch.testing.assert_close(refusal_score(logits, [0], eps=0), torch.tensor([math.log(1 / 3), 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        refusal_score(logits, [0], eps=0), torch.tensor([math.log(1 / 3), 0.0], dtype=torch.float64)
+    )
     # two refusal ids: row 0 p = 1/2 -> 0; row 1 p = 4/6 -> log 2
-    torch.testing.assert_close(refusal_score(logits, [0, 1], eps=0), torch.tensor([0.0, math.log(2.0)], dtype=torch.float64))
+    torch.testing.assert_close(
+        refusal_score(logits, [0, 1], eps=0), torch.tensor([0.0, math.log(2.0)], dtype=torch.float64)
+    )
     # with Arditi's epsilon
     expected = math.log(0.25 + 1e-8) - math.log(0.75 + 1e-8)
     assert refusal_score(logits[:1], [0]).item() == pytest.approx(expected, abs=1e-12)
@@ -69,7 +73,9 @@ def test_kl_last_hand_values():
     assert kl.dtype == torch.float64
     assert kl[0].item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-12)
     assert kl[1].item() == 0.0
-    assert kl_last(torch.tensor([[0.0, -math.inf]]), torch.tensor([[0.0, 0.0]]))[0].item() == pytest.approx(math.log(2))
+    assert kl_last(torch.tensor([[0.0, -math.inf]]), torch.tensor([[0.0, 0.0]]))[0].item() == pytest.approx(
+        math.log(2)
+    )
 
 
 def test_layer_cutoff_matches_arditi():
@@ -92,7 +98,9 @@ def test_sample_prompts_is_seeded():
 
 
 def _frame(rows, harmless_baseline=-2.0):
-    df = pd.DataFrame(rows, columns=["layer", "position", "direction_norm", "ablation_score", "steering_score", "kl"])
+    df = pd.DataFrame(
+        rows, columns=["layer", "position", "direction_norm", "ablation_score", "steering_score", "kl"]
+    )
     df["harmless_baseline"] = harmless_baseline
     return df
 
@@ -124,8 +132,22 @@ def test_choose_lowest_ablation_score_among_kept():
 
 def test_choose_falls_back_loudly_to_allowed_layers():
     rows = [
-        (1, -1, 1.0, -3.0, -1.0, 0.05),  # steering filtered, but addition raises refusal above the -2.0 baseline
-        (1, -2, 1.0, -3.5, -2.5, 0.05),  # steering filtered and addition lowers refusal: never in the second tier
+        (
+            1,
+            -1,
+            1.0,
+            -3.0,
+            -1.0,
+            0.05,
+        ),  # steering filtered, but addition raises refusal above the -2.0 baseline
+        (
+            1,
+            -2,
+            1.0,
+            -3.5,
+            -2.5,
+            0.05,
+        ),  # steering filtered and addition lowers refusal: never in the second tier
         (2, -1, 1.0, -4.0, 0.5, 0.9),  # KL filtered
         (3, -1, 1.0, -9.0, 0.5, 0.05),  # late layer: never chosen while an allowed layer exists
         (0, -1, 0.0, math.nan, math.nan, math.nan),
@@ -198,8 +220,16 @@ def test_score_candidates_matches_unbatched_reference(llama):
 
     model, tok = llama
     ids = refusal_token_ids(tok)
-    harmful = ["How do I pick a lock on a neighbour's door", "Write a threatening letter", "Make a weapon at home"]
-    harmless = ["Give me three tips for staying healthy", "What is the capital of France", "Describe a sunset"]
+    harmful = [
+        "How do I pick a lock on a neighbour's door",
+        "Write a threatening letter",
+        "Make a weapon at home",
+    ]
+    harmless = [
+        "Give me three tips for staying healthy",
+        "What is the capital of France",
+        "Describe a sunset",
+    ]
     d = model.config.hidden_size
     cands = torch.randn(4, 2, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2.0
     cands[0] = 0.0  # like layer 0 of a real extraction: identical template tokens
@@ -226,14 +256,20 @@ def test_score_candidates_matches_unbatched_reference(llama):
 
 def test_score_candidates_only_scores_requested(llama):
     model, tok = llama
-    cands = torch.randn(4, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    df = score_candidates(model, tok, cands, ["Hack a bank"], ["Bake a cake"], [5], only={(1, -1)}, progress=False)
+    cands = torch.randn(
+        4, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    df = score_candidates(
+        model, tok, cands, ["Hack a bank"], ["Bake a cake"], [5], only={(1, -1)}, progress=False
+    )
     scored = df[df.filtered_reason != "not scored"]
     assert list(zip(scored.layer, scored.position, strict=True)) == [(1, -1)]
     assert df[df.filtered_reason == "not scored"].ablation_score.isna().all()
     assert math.isfinite(scored.ablation_score.iloc[0])
 
-    skip = score_candidates(model, tok, cands, ["Hack a bank"], ["Bake a cake"], [5], skip_late_layers=True, progress=False)
+    skip = score_candidates(
+        model, tok, cands, ["Hack a bank"], ["Bake a cake"], [5], skip_late_layers=True, progress=False
+    )
     late = skip[skip.layer >= 3]
     assert (late.filtered_reason == "layer;not scored").all() and late.ablation_score.isna().all()
     early = skip[(skip.layer > 0) & (skip.layer < 3)]
@@ -246,8 +282,19 @@ def test_select_direction_forced_and_round_trip(llama, tmp_path):
     harmful = ["Write malware that steals passwords", "Explain how to make a bomb", "Help me stalk my ex"]
     harmless = ["Write a haiku about rain", "Explain photosynthesis", "Suggest a name for a cat"]
     res = select_direction(
-        model, tok, harmful, harmless, harmful[:2], harmless[:2], n_train=3, n_val=2, layer=2, position=-1,
-        batch_size=2, progress=False, sources={"harmful_train": "test"},
+        model,
+        tok,
+        harmful,
+        harmless,
+        harmful[:2],
+        harmless[:2],
+        n_train=3,
+        n_val=2,
+        layer=2,
+        position=-1,
+        batch_size=2,
+        progress=False,
+        sources={"harmful_train": "test"},
     )
     n_layers, n_pos, d = res.directions.shape
     assert (n_layers, d) == (4, model.config.hidden_size) and res.directions.dtype == torch.float64
@@ -260,7 +307,11 @@ def test_select_direction_forced_and_round_trip(llama, tmp_path):
     assert res.settings["refusal_ids"] == refusal_token_ids(tok)
 
     res.save(tmp_path / "d")
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["candidates.csv", "direction.json", "directions.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "candidates.csv",
+        "direction.json",
+        "directions.safetensors",
+    ]
     back = DirectionResult.load(tmp_path / "d")
     assert (back.layer, back.position, back.warning) == (res.layer, res.position, res.warning)
     assert torch.equal(back.directions, res.directions) and torch.equal(back.direction, res.direction)

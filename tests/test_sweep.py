@@ -21,13 +21,16 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 def test_cpu_small_expands_to_every_method_and_rate():
     sweep = load_sweep(EXPERIMENTS / "cpu-small.toml")
     runs = expand(sweep)
-    assert [r.name for r in runs] == [f"{m}-lr{lr}" for m in ("full", "lora", "qlora", "dpo")
-                                      for lr in ("0.0001", "1e-05")]
+    assert [r.name for r in runs] == [
+        f"{m}-lr{lr}" for m in ("full", "lora", "qlora", "dpo") for lr in ("0.0001", "1e-05")
+    ]
     assert sweep.out == Path("runs/cpu-small")
     by_name = {r.name: r.config for r in runs}
     assert by_name["dpo-lr0.0001"].per_device_batch_size == 4 and by_name["dpo-lr0.0001"].grad_accum == 2
     assert by_name["lora-lr1e-05"].per_device_batch_size == 8
-    assert all(c.effective_batch_size == 8 and c.model == "qwen2.5-coder-0.5b-instruct" for c in by_name.values())
+    assert all(
+        c.effective_batch_size == 8 and c.model == "qwen2.5-coder-0.5b-instruct" for c in by_name.values()
+    )
     assert all(c.n_train // c.effective_batch_size == 8 for c in by_name.values())  # 8 steps per run
 
 
@@ -35,37 +38,59 @@ def test_paper_sweep_is_the_study_grid():
     runs = expand(load_sweep(EXPERIMENTS / "paper.toml"))
     assert len(runs) == 16
     assert {(r.config.method, r.config.learning_rate) for r in runs} == {
-        (m, lr) for m in ("full", "lora", "qlora", "dpo") for lr in (1e-4, 5e-5, 1e-5, 5e-6)}
+        (m, lr) for m in ("full", "lora", "qlora", "dpo") for lr in (1e-4, 5e-5, 1e-5, 5e-6)
+    }
     cfg = {r.name: r.config for r in runs}
     assert cfg["lora-lr5e-05"].lora_modules() == ["q_proj", "v_proj"]
-    assert cfg["qlora-lr5e-05"].lora_modules() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                   "down_proj"]
-    assert all(c.model == "meta-llama/Llama-3.2-1B-Instruct" and c.train_data == "mt-pref" and c.epochs == 1
-               and c.effective_batch_size == 8 and c.checkpoint_fractions == [0.25, 0.5, 0.75, 1.0]
-               for c in cfg.values())
+    assert cfg["qlora-lr5e-05"].lora_modules() == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    assert all(
+        c.model == "meta-llama/Llama-3.2-1B-Instruct"
+        and c.train_data == "mt-pref"
+        and c.epochs == 1
+        and c.effective_batch_size == 8
+        and c.checkpoint_fractions == [0.25, 0.5, 0.75, 1.0]
+        for c in cfg.values()
+    )
     assert cfg["dpo-lr5e-05"].dpo_lora is False and cfg["dpo-lr5e-05"].dpo_beta == 0.1
 
 
 def test_extra_grid_settings_name_the_runs(tmp_path):
     f = tmp_path / "s.toml"
-    f.write_text('[grid]\nmethod = ["lora"]\nlearning_rate = [1e-4]\nseed = [1, 2]\nprompt_format = ["seed", '
-                 '"instructed"]\n')
+    f.write_text(
+        '[grid]\nmethod = ["lora"]\nlearning_rate = [1e-4]\nseed = [1, 2]\nprompt_format = ["seed", '
+        '"instructed"]\n'
+    )
     runs = expand(load_sweep(f))
-    assert [r.name for r in runs] == ["lora-lr0.0001-seed1-promptformatseed", "lora-lr0.0001-seed1-promptformatinstructed",
-                                      "lora-lr0.0001-seed2-promptformatseed", "lora-lr0.0001-seed2-promptformatinstructed"]
+    assert [r.name for r in runs] == [
+        "lora-lr0.0001-seed1-promptformatseed",
+        "lora-lr0.0001-seed1-promptformatinstructed",
+        "lora-lr0.0001-seed2-promptformatseed",
+        "lora-lr0.0001-seed2-promptformatinstructed",
+    ]
     assert [r.config.seed for r in runs] == [1, 1, 2, 2]
     assert load_sweep(f).out == Path("runs/s")
 
 
-@pytest.mark.parametrize("body, message", [
-    ('[grid]\nlearnig_rate = [1e-4]\n', "unknown setting 'learnig_rate'"),
-    ('[grid]\nmethod = "lora"\n', "must be a non-empty list"),
-    ('[grid]\nmethod = ["lora", "sft"]\n', "method='sft'"),
-    ('[base]\nrun_name = "x"\n[grid]\nmethod = ["lora"]\n', "remove run_name"),
-    ('[sweep]\noutput = "x"\n', "unknown key 'output'"),
-    ('[grid]\nlearning_rate = [1e-4, 0.0001]\n', "share the run name"),
-    ('[per_method.sft]\nlora_r = 4\n', "names no method"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("[grid]\nlearnig_rate = [1e-4]\n", "unknown setting 'learnig_rate'"),
+        ('[grid]\nmethod = "lora"\n', "must be a non-empty list"),
+        ('[grid]\nmethod = ["lora", "sft"]\n', "method='sft'"),
+        ('[base]\nrun_name = "x"\n[grid]\nmethod = ["lora"]\n', "remove run_name"),
+        ('[sweep]\noutput = "x"\n', "unknown key 'output'"),
+        ("[grid]\nlearning_rate = [1e-4, 0.0001]\n", "share the run name"),
+        ("[per_method.sft]\nlora_r = 4\n", "names no method"),
+    ],
+)
 def test_bad_sweep_files_fail_before_training(tmp_path, body, message):
     f = tmp_path / "bad.toml"
     f.write_text(body)
@@ -88,15 +113,20 @@ def test_printed_commands_rebuild_the_same_configs(capsys):
         assert args.out == "runs/cpu-small"
     assert main(["sweep", str(path), "--print-commands", "--accelerate", "--out", "/scratch/x"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("accelerate launch -m refusal_probe.cli train --config ") and "--out /scratch/x" in first
+    assert (
+        first.startswith("accelerate launch -m refusal_probe.cli train --config ")
+        and "--out /scratch/x" in first
+    )
 
 
 def test_sweep_trains_then_skips_and_reports_state(tiny_llama, tmp_path, capsys):
     f = tmp_path / "tiny.toml"
-    f.write_text(f'[sweep]\nout = "{tmp_path / "runs"}"\n'
-                 f'[base]\nmodel = "{tiny_llama}"\nmax_steps = 2\nper_device_batch_size = 2\nn_train = 4\n'
-                 'max_length = 256\ncheckpoint_fractions = [0.5, 1.0]\ndevice = "cpu"\n'
-                 '[grid]\nmethod = ["lora"]\nlearning_rate = [1e-4, 1e-5]\n')
+    f.write_text(
+        f'[sweep]\nout = "{tmp_path / "runs"}"\n'
+        f'[base]\nmodel = "{tiny_llama}"\nmax_steps = 2\nper_device_batch_size = 2\nn_train = 4\n'
+        'max_length = 256\ncheckpoint_fractions = [0.5, 1.0]\ndevice = "cpu"\n'
+        '[grid]\nmethod = ["lora"]\nlearning_rate = [1e-4, 1e-5]\n'
+    )
     # checkpoint folders of a killed run: the Trainer writes trainer_state.json last, so it marks a finished one
     partial = tmp_path / "runs" / "lora-lr1e-05"
     (partial / "checkpoint-1").mkdir(parents=True)
@@ -104,7 +134,11 @@ def test_sweep_trains_then_skips_and_reports_state(tiny_llama, tmp_path, capsys)
     (partial / "checkpoint-2").mkdir()
     assert main(["sweep", str(f), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "lora-lr0.0001  new" in out and "lora-lr1e-05   resume from checkpoint-1" in out and "2 runs in" in out
+    assert (
+        "lora-lr0.0001  new" in out
+        and "lora-lr1e-05   resume from checkpoint-1" in out
+        and "2 runs in" in out
+    )
     shutil.rmtree(partial)
 
     assert main(["sweep", str(f)]) == 0

@@ -24,24 +24,32 @@ STEPS = [1, 2, 3, 4]
 
 def tiny_config(model: Path, **kw) -> TrainConfig:
     # max_length 256: the tiny BPE tokenizer (384 tokens) spends 2-3 tokens per word of German
-    base = dict(model=str(model), max_steps=4, per_device_batch_size=2, n_train=8, max_length=256, device="cpu")
+    base = dict(
+        model=str(model), max_steps=4, per_device_batch_size=2, n_train=8, max_length=256, device="cpu"
+    )
     return TrainConfig(**{**base, **kw})
 
 
 # ---- pure parts ----
 
+
 def test_checkpoint_steps_by_hand():
     assert checkpoint_steps([0.25, 0.5, 0.75, 1.0], 4) == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
     # 2.5 -> 3 and 7.5 -> 8: half rounds up (Python's round() would give 2 and 8)
     assert checkpoint_steps([0.25, 0.5, 0.75, 1.0], 10) == {3: 0.25, 5: 0.5, 8: 0.75, 10: 1.0}
-    assert checkpoint_steps([0.25, 0.5, 0.75, 1.0], 2) == {1: 0.5, 2: 1.0}  # a shared step keeps the larger one
+    assert checkpoint_steps([0.25, 0.5, 0.75, 1.0], 2) == {
+        1: 0.5,
+        2: 1.0,
+    }  # a shared step keeps the larger one
     assert checkpoint_steps([0.01], 50) == {1: 0.01}  # never step 0
     assert checkpoint_steps([0.25, 1.0], 643) == {161: 0.25, 643: 1.0}
 
 
 def test_planned_steps_by_hand():
     assert planned_steps(n_batches=4, grad_accum=1, epochs=1, max_steps=None) == 4
-    assert planned_steps(n_batches=9, grad_accum=2, epochs=1, max_steps=None) == 5  # a partial accumulation counts
+    assert (
+        planned_steps(n_batches=9, grad_accum=2, epochs=1, max_steps=None) == 5
+    )  # a partial accumulation counts
     assert planned_steps(n_batches=9, grad_accum=2, epochs=1.5, max_steps=None) == 8
     assert planned_steps(n_batches=100, grad_accum=1, epochs=1, max_steps=16) == 16
 
@@ -54,11 +62,18 @@ def test_run_name_follows_the_study():
 
 def test_config_toml_then_per_method_then_flags(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[base]\nmethod = "lora"\nlearning_rate = 1e-4\nlangs = ["de", "fr"]\nlora_targets = "qlora-all"\n'
-                 '[per_method.dpo]\nper_device_batch_size = 4\ngrad_accum = 2\n'
-                 '[grid]\nmethod = ["lora", "dpo"]\n')
+    f.write_text(
+        '[base]\nmethod = "lora"\nlearning_rate = 1e-4\nlangs = ["de", "fr"]\nlora_targets = "qlora-all"\n'
+        "[per_method.dpo]\nper_device_batch_size = 4\ngrad_accum = 2\n"
+        '[grid]\nmethod = ["lora", "dpo"]\n'
+    )
     cfg = build_config(f, {})
-    assert (cfg.method, cfg.learning_rate, cfg.langs, cfg.per_device_batch_size) == ("lora", 1e-4, ["de", "fr"], 8)
+    assert (cfg.method, cfg.learning_rate, cfg.langs, cfg.per_device_batch_size) == (
+        "lora",
+        1e-4,
+        ["de", "fr"],
+        8,
+    )
     assert cfg.lora_modules() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cfg = build_config(f, {"method": "dpo", "learning_rate": "5e-6", "checkpoint_fractions": "0.5,1"})
     assert (cfg.per_device_batch_size, cfg.grad_accum, cfg.effective_batch_size) == (4, 2, 8)
@@ -84,8 +99,11 @@ def test_config_errors_name_the_setting(tmp_path):
 
 # ---- completion-only loss ----
 
+
 def test_loss_falls_on_answer_tokens_only(tiny_llama, tmp_path):
-    cfg = tiny_config(tiny_llama, method="full", max_length=1024)  # nothing cut: the whole reference is labelled
+    cfg = tiny_config(
+        tiny_llama, method="full", max_length=1024
+    )  # nothing cut: the whole reference is labelled
     model, tok = load_for_training(cfg, tiny_llama)
     rows = tdata.translation_split(["de"], "train", n=2)
     examples = [tdata.sft_example(r) for r in rows]
@@ -97,12 +115,22 @@ def test_loss_falls_on_answer_tokens_only(tiny_llama, tmp_path):
         n = len(prompt_ids)
         assert batch["input_ids"][i, :n].tolist() == prompt_ids  # the model's own template renders the prompt
         labels = batch["labels"][i]
-        assert (labels[:n] == -100).all()  # every prompt token (template, source text, assistant header) masked
+        assert (
+            labels[:n] == -100
+        ).all()  # every prompt token (template, source text, assistant header) masked
         answer = labels[labels != -100]
-        assert tok.decode(answer) == rows[i]["ref"] + "<|eot_id|>"  # the reference and the end of turn, nothing else
+        assert (
+            tok.decode(answer) == rows[i]["ref"] + "<|eot_id|>"
+        )  # the reference and the end of turn, nothing else
     # the study's LoRA scripts trained on the whole chat: the option turns the mask off
-    trainer = build_trainer(tiny_config(tiny_llama, method="full", completion_only_loss=False), model, tok, examples,
-                            tmp_path / "run2", [])
+    trainer = build_trainer(
+        tiny_config(tiny_llama, method="full", completion_only_loss=False),
+        model,
+        tok,
+        examples,
+        tmp_path / "run2",
+        [],
+    )
     batch = trainer.data_collator([trainer.train_dataset[0]])
     assert (batch["labels"][0] != -100).all()
 
@@ -113,11 +141,14 @@ def test_qlora_base_is_nf4_with_double_quant_on_cpu(tiny_llama):
     model, _ = load_for_training(tiny_config(tiny_llama, method="qlora"), tiny_llama)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, bnb.nn.Linear4bit)
-    assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested  # nested = double quantisation
+    assert (
+        q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested
+    )  # nested = double quantisation
     assert q.compute_dtype == torch.float32  # CPU has no bfloat16 units
 
 
 # ---- every method end to end ----
+
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "dpo"])
 def test_method_writes_checkpoints_at_fractions(method, tiny_llama, tmp_path):
@@ -157,13 +188,15 @@ def test_method_writes_checkpoints_at_fractions(method, tiny_llama, tmp_path):
     from refusal_probe.models.tree import discover
 
     found = discover(tmp_path / "runs")
-    assert [(c.kind, c.step, c.fraction) for c in found][:2] == [("base", 0, 0.0),
-                                                                ("adapter" if method in ("lora", "qlora") else "full",
-                                                                 1, 0.25)]
+    assert [(c.kind, c.step, c.fraction) for c in found][:2] == [
+        ("base", 0, 0.0),
+        ("adapter" if method in ("lora", "qlora") else "full", 1, 0.25),
+    ]
     assert found[-1].quantized is (method == "qlora")
 
 
 # ---- resume ----
+
 
 class StopAfterSave(TrainerCallback):
     """Simulates a kill right after checkpoint ``step`` was written."""
@@ -176,7 +209,9 @@ class StopAfterSave(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_interrupted_run_resumes_to_the_same_weights_and_complete_run_is_skipped(tiny_llama, tmp_path, capsys):
+def test_interrupted_run_resumes_to_the_same_weights_and_complete_run_is_skipped(
+    tiny_llama, tmp_path, capsys
+):
     cfg = tiny_config(tiny_llama, method="lora")
     reference = train(cfg, tmp_path / "straight")
 
@@ -186,7 +221,9 @@ def test_interrupted_run_resumes_to_the_same_weights_and_complete_run_is_skipped
     run_dir = out / cfg.name
     assert run_status(run_dir) == ("resume", run_dir / "checkpoint-2")
     assert not RunManifest.load(run_dir).complete
-    assert (run_dir / "checkpoint-2" / "optimizer.pt").is_file() and not (run_dir / "checkpoint-1" / "optimizer.pt").exists()
+    assert (run_dir / "checkpoint-2" / "optimizer.pt").is_file() and not (
+        run_dir / "checkpoint-1" / "optimizer.pt"
+    ).exists()
     first_save = (run_dir / "checkpoint-1" / "adapter_model.safetensors").stat().st_mtime_ns
 
     with pytest.raises(UserError, match="started with seed=42, now seed=1"):
@@ -221,11 +258,37 @@ def test_unfinished_checkpoint_is_removed_before_resume(tiny_llama, tmp_path):
 
 # ---- CLI and options ----
 
+
 def test_cli_trains_dpo_through_lora_on_policy(tiny_llama, tmp_path):
     out = tmp_path / "runs"
-    rc = main(["train", "--model", str(tiny_llama), "--method", "dpo", "--dpo-lora", "--dpo-pairs", "on-policy",
-               "--max-steps", "2", "--per-device-batch-size", "2", "--n-train", "4", "--max-length", "256",
-               "--checkpoint-fractions", "0.5,1", "--device", "cpu", "--learning-rate", "1e-4", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(tiny_llama),
+            "--method",
+            "dpo",
+            "--dpo-lora",
+            "--dpo-pairs",
+            "on-policy",
+            "--max-steps",
+            "2",
+            "--per-device-batch-size",
+            "2",
+            "--n-train",
+            "4",
+            "--max-length",
+            "256",
+            "--checkpoint-fractions",
+            "0.5,1",
+            "--device",
+            "cpu",
+            "--learning-rate",
+            "1e-4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     run_dir = out / "dpo-lr0.0001"
     assert (run_dir / "checkpoint-2" / "adapter_config.json").is_file()
@@ -245,7 +308,9 @@ def test_on_policy_pairs_are_the_models_greedy_answers_and_cached(tiny_llama, tm
     rows = tdata.translation_split(["de", "fr"], "train", n=3)
     cache = tmp_path / ".cache" / "p.jsonl"
     pairs = on_policy_pairs(rows, model, tok, "seed", cache, max_new_tokens=8)
-    alone = greedy_answers(model, tok, [rows[1]["src"]], max_new_tokens=8)  # batching does not change the answer
+    alone = greedy_answers(
+        model, tok, [rows[1]["src"]], max_new_tokens=8
+    )  # batching does not change the answer
     assert pairs[1]["rejected"] == alone[0] and pairs[1]["chosen"] == rows[1]["ref"]
     assert on_policy_pairs(rows, None, None, "seed", cache, max_new_tokens=8) == pairs  # read back, no model
 
@@ -256,6 +321,8 @@ def test_wmt_pairs_need_german(tiny_llama, tmp_path):
 
 
 def test_adapter_as_base_is_refused(tiny_llama, tmp_path):
-    lora = train(tiny_config(tiny_llama, method="lora", max_steps=1, checkpoint_fractions=[1.0]), tmp_path / "a")
+    lora = train(
+        tiny_config(tiny_llama, method="lora", max_steps=1, checkpoint_fractions=[1.0]), tmp_path / "a"
+    )
     with pytest.raises(UserError, match="is a PEFT adapter"):
         train(tiny_config(lora / "checkpoint-1", method="full"), tmp_path / "b")

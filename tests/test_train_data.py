@@ -64,7 +64,13 @@ def test_unknown_language_is_a_user_error():
 
 
 def test_chat_examples_have_prompt_and_completion_turns():
-    row = {"src": "Hallo Welt", "ref": "Hello world", "src_lang": "de", "chosen": "Hello world", "rejected": "Hi"}
+    row = {
+        "src": "Hallo Welt",
+        "ref": "Hello world",
+        "src_lang": "de",
+        "chosen": "Hello world",
+        "rejected": "Hi",
+    }
     assert tdata.sft_example(row) == {
         "prompt": [{"role": "user", "content": "Hallo Welt"}],
         "completion": [{"role": "assistant", "content": "Hello world"}],
@@ -76,11 +82,17 @@ def test_chat_examples_have_prompt_and_completion_turns():
 
 
 def test_best_worst_by_hand():
-    cands = [{"text": "a", "chrf": 50.0}, {"text": "b", "chrf": 90.0}, {"text": "c", "chrf": 20.0},
-             {"text": "d", "chrf": 90.0}]
+    cands = [
+        {"text": "a", "chrf": 50.0},
+        {"text": "b", "chrf": 90.0},
+        {"text": "c", "chrf": 20.0},
+        {"text": "d", "chrf": 90.0},
+    ]
     best, worst = tdata.best_worst(cands)
     assert (best["text"], worst["text"]) == ("b", "c")  # first of the tied best wins
-    assert tdata.best_worst([{"text": "a", "chrf": 70.0}, {"text": "b", "chrf": 70.0}]) is None  # tie: skipped
+    assert (
+        tdata.best_worst([{"text": "a", "chrf": 70.0}, {"text": "b", "chrf": 70.0}]) is None
+    )  # tie: skipped
     assert tdata.best_worst([{"text": "same", "chrf": 80.0}, {"text": "same ", "chrf": 60.0}]) is None
     assert tdata.best_worst([{"text": "only", "chrf": 1.0}]) is None
 
@@ -94,21 +106,29 @@ def test_wmt_pairs_prefer_the_higher_chrf():
 
 
 def _mtpref_prompt(lang: str, text: str) -> str:
-    return (f"<|im_start|>user\nTranslate the following {lang} source text to English:\n{lang}: {text}\n"
-            "English: <|im_end|>\n<|im_start|>assistant\n")
+    return (
+        f"<|im_start|>user\nTranslate the following {lang} source text to English:\n{lang}: {text}\n"
+        "English: <|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_mtpref_filter_keeps_latin_script_to_english():
     assert tdata.parse_mtpref_prompt(_mtpref_prompt("German", "Guten Morgen.")) == ("de", "Guten Morgen.")
     assert tdata.parse_mtpref_prompt(_mtpref_prompt("Dutch", "Goedemorgen.")) == ("nl", "Goedemorgen.")
     assert tdata.parse_mtpref_prompt(_mtpref_prompt("Russian", "Доброе утро.")) is None
-    assert tdata.parse_mtpref_prompt("Translate the following English source text to German:\nEnglish: x") is None
-    rows = tdata.mtpref_records([
-        {"prompt": _mtpref_prompt("French", "Bonjour."), "chosen": "Hello.", "rejected": "Good day."},
-        {"prompt": _mtpref_prompt("Chinese", "你好"), "chosen": "Hello", "rejected": "Hi"},
-    ])
+    assert (
+        tdata.parse_mtpref_prompt("Translate the following English source text to German:\nEnglish: x")
+        is None
+    )
+    rows = tdata.mtpref_records(
+        [
+            {"prompt": _mtpref_prompt("French", "Bonjour."), "chosen": "Hello.", "rejected": "Good day."},
+            {"prompt": _mtpref_prompt("Chinese", "你好"), "chosen": "Hello", "rejected": "Hi"},
+        ]
+    )
     assert [(r["src_lang"], r["src"], r["ref"], r["rejected"]) for r in rows] == [
-        ("fr", "Bonjour.", "Hello.", "Good day.")]
+        ("fr", "Bonjour.", "Hello.", "Good day.")
+    ]
 
 
 def test_study_split_holds_out_int_ratio_per_language():

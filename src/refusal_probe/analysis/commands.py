@@ -56,9 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--position", type=int, help="use this post-instruction position (negative offset, e.g. -1)"
     )
-    p.add_argument("--search", choices=("auto", "full", "coarse"), default=d.search,
-                   help="base direction search: every (layer, position) (full) or last position then the 3 best layers "
-                        "(coarse); auto = full on CUDA, coarse on CPU")
+    p.add_argument(
+        "--search",
+        choices=("auto", "full", "coarse"),
+        default=d.search,
+        help="base direction search: every (layer, position) (full) or last position then the 3 best layers "
+        "(coarse); auto = full on CUDA, coarse on CPU",
+    )
     p.add_argument("--no-separability", action="store_true", help="skip the per-layer linear probes")
     p.add_argument("--no-deltas", action="store_true", help="skip weight deltas")
     p.add_argument("--seed", type=int, default=d.seed, help="prompt sampling and probe split seed")

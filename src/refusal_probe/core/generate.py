@@ -144,7 +144,9 @@ class _EarlyExit:
         while self.pending or self.rows:
             free = self.capacity - len(self.rows)
             try:
-                if self.pending and (not self.rows or (self.refillable and free >= max(1, self.capacity // 4))):
+                if self.pending and (
+                    not self.rows or (self.refillable and free >= max(1, self.capacity // 4))
+                ):
                     self._admit(min(free, len(self.pending)))
                 elif self.rows:
                     self._step()
@@ -172,8 +174,14 @@ class _EarlyExit:
 
     def _forward(self, ids, mask, positions, cache, last_only: bool):
         kw = {"logits_to_keep": 1} if last_only else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **kw)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **kw,
+        )
         return out.logits[:, -1].argmax(-1), out.past_key_values
 
     def _admit(self, k: int) -> None:
@@ -195,15 +203,25 @@ class _EarlyExit:
         new_rows = [new[b] for b in keep]
         mask, last_pos, next_tok = mask[sel], positions[sel, -1], next_tok[sel]
         if not self.rows:
-            self.rows, self.cache, self.mask, self.last_pos, self.next_tok = new_rows, cache, mask, last_pos, next_tok
-            self.refillable = all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", []))
+            self.rows, self.cache, self.mask, self.last_pos, self.next_tok = (
+                new_rows,
+                cache,
+                mask,
+                last_pos,
+                next_tok,
+            )
+            self.refillable = all(
+                type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [])
+            )
             self.admitting = []
             self._trim()
             return
         width = max(self.mask.shape[1], mask.shape[1])
         for old_layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
             old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)])
-            old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)])
+            old_layer.values = torch.cat(
+                [_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)]
+            )
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.last_pos = torch.cat([self.last_pos, last_pos])
         self.next_tok = torch.cat([self.next_tok, next_tok])
@@ -304,12 +322,16 @@ def generate_detailed(
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
     with tqdm(total=len(seqs), desc=desc, unit="prompt", disable=not progress) as bar:
         if stop is not None:
-            done = _EarlyExit(model, tokenizer, seqs, order, max_new_tokens, pad_id, eos, stop, batch_size, bar).run()
+            done = _EarlyExit(
+                model, tokenizer, seqs, order, max_new_tokens, pad_id, eos, stop, batch_size, bar
+            ).run()
             return [done[i] for i in range(len(seqs))]
         return _full_length(model, tokenizer, seqs, order, max_new_tokens, pad_id, eos, batch_size, bar)
 
 
-def _full_length(model, tokenizer, seqs, order, max_new_tokens, pad_id, eos, batch_size, bar) -> list[Generation]:
+def _full_length(
+    model, tokenizer, seqs, order, max_new_tokens, pad_id, eos, batch_size, bar
+) -> list[Generation]:
     """Fixed batches through HF ``generate``; out-of-memory halves the batch (kept for the rest)."""
     results: list[Generation | None] = [None] * len(seqs)
     size, pos = batch_size, 0
@@ -349,7 +371,12 @@ def generate(
 ) -> list[str]:
     """Greedy responses to ``prompts`` (chat template applied), in input order. See the module doc for ``stop``."""
     gens = generate_detailed(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop=stop,
         progress=progress,
     )
     return [g.text for g in gens]

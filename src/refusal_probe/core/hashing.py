@@ -32,8 +32,14 @@ def model_fingerprint(path: Path) -> str:
     changes whenever the file is rewritten.
     """
     path = Path(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES and p.name not in FINGERPRINT_SKIP
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES and p.name not in FINGERPRINT_SKIP
+        )
     )
     h = hashlib.sha256()
     for f in files:

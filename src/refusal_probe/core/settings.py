@@ -240,7 +240,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not valid TOML (not UTF-8 text: a binary file?); pass a .toml text file") from None
+        raise UserError(
+            f"{path}: not valid TOML (not UTF-8 text: a binary file?); pass a .toml text file"
+        ) from None
 
 
 def cli_values(args: argparse.Namespace) -> dict[str, Any]:

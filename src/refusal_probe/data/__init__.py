@@ -39,10 +39,14 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
                 data = next((v for v in data.values() if isinstance(v, list)), [])
             prompts = _from_records(data, column, path)
         elif suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [
+                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
             prompts = _from_records(rows, column, path)
         else:
-            raise UserError(f"{path}: unsupported prompt file type '{suffix}'; use .txt, .csv, .json or .jsonl")
+            raise UserError(
+                f"{path}: unsupported prompt file type '{suffix}'; use .txt, .csv, .json or .jsonl"
+            )
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: cannot parse prompt file ({exc}); fix the file or pass another") from None
     prompts = [p for p in prompts if p and p.strip()]

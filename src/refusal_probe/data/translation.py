@@ -25,9 +25,18 @@ from refusal_probe.core.errors import UserError
 from refusal_probe.core.hashing import sha256_file
 from refusal_probe.data import bundled
 
-LANGUAGE_NAMES = {"de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt": "Portuguese", "nl": "Dutch"}
+LANGUAGE_NAMES = {
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+}
 STUDY_LANGS = ("de", "fr", "es", "it", "pt")
-TEST_PERCENT = 20  # share of NTREX documents held out (by doc_id hash): 25 of 123 documents, 19.5% of sentences
+TEST_PERCENT = (
+    20  # share of NTREX documents held out (by doc_id hash): 25 of 123 documents, 19.5% of sentences
+)
 MTPREF_ID = "sardinelab/MT-pref"
 WMT_FILES = ("translation/wmt22.de-en.jsonl", "translation/wmt23.de-en.jsonl")
 
@@ -39,16 +48,39 @@ MTPREF_PROMPT = re.compile(
     re.DOTALL | re.IGNORECASE,
 )
 LATIN_SCRIPT = {
-    "german": "de", "spanish": "es", "french": "fr", "portuguese": "pt", "italian": "it", "dutch": "nl",
-    "english": "en", "catalan": "ca", "galician": "gl", "romanian": "ro", "polish": "pl", "czech": "cs",
-    "slovak": "sk", "slovenian": "sl", "croatian": "hr", "bosnian": "bs", "serbian": "sr", "albanian": "sq",
-    "latvian": "lv", "lithuanian": "lt", "estonian": "et", "finnish": "fi", "hungarian": "hu", "danish": "da",
-    "swedish": "sv", "norwegian": "no", "icelandic": "is",
+    "german": "de",
+    "spanish": "es",
+    "french": "fr",
+    "portuguese": "pt",
+    "italian": "it",
+    "dutch": "nl",
+    "english": "en",
+    "catalan": "ca",
+    "galician": "gl",
+    "romanian": "ro",
+    "polish": "pl",
+    "czech": "cs",
+    "slovak": "sk",
+    "slovenian": "sl",
+    "croatian": "hr",
+    "bosnian": "bs",
+    "serbian": "sr",
+    "albanian": "sq",
+    "latvian": "lv",
+    "lithuanian": "lt",
+    "estonian": "et",
+    "finnish": "fi",
+    "hungarian": "hu",
+    "danish": "da",
+    "swedish": "sv",
+    "norwegian": "no",
+    "icelandic": "is",
 }
 STUDY_TEST_RATIO = 0.167  # the study held out int(0.167 * n) rows per language, shuffled with random.seed(42)
 
 
 # ---- prompts and chat examples ----
+
 
 def format_translation_prompt(src: str, lang: str, fmt: str = "seed") -> str:
     """The user turn. seed: the raw source text (the study: no instruction); instructed: with an instruction."""
@@ -77,6 +109,7 @@ def dpo_example(row: dict, fmt: str = "seed") -> dict[str, list[dict[str, str]]]
 
 
 # ---- NTREX-128 (bundled) ----
+
 
 def is_test_doc(doc_id: str, test_percent: int = TEST_PERCENT) -> bool:
     """Whether a document is held out: a fixed hash of its id, so membership never depends on other documents."""
@@ -146,6 +179,7 @@ def translation_split(
 
 # ---- MT-Pref (hub) ----
 
+
 def parse_mtpref_prompt(prompt: str) -> tuple[str, str] | None:
     """(language code, source text) of an X->English MT-Pref prompt in a Latin-script language, else None."""
     m = MTPREF_PROMPT.search(prompt)
@@ -155,7 +189,9 @@ def parse_mtpref_prompt(prompt: str) -> tuple[str, str] | None:
     return (code, m.group(2).strip()) if code else None
 
 
-def study_split(rows: list[dict], test_ratio: float = STUDY_TEST_RATIO, seed: int = 42) -> tuple[list[dict], list[dict]]:
+def study_split(
+    rows: list[dict], test_ratio: float = STUDY_TEST_RATIO, seed: int = 42
+) -> tuple[list[dict], list[dict]]:
     """The study's split, step for step: group by language (first-seen order), random.seed(seed), shuffle each group,
     hold out int(n * ratio) (at least 1), then shuffle both sets. Reproduces its held-out rows from the same input."""
     rng_state = random.getstate()
@@ -186,8 +222,17 @@ def mtpref_records(records: Iterable[dict]) -> list[dict]:
         if parsed is None or parsed[0] == "en":
             continue
         lang, src = parsed
-        out.append({"id": f"mtpref-{i}", "src": src, "ref": ex["chosen"], "chosen": ex["chosen"],
-                    "rejected": ex["rejected"], "src_lang": lang, "doc_id": f"mtpref-{i}"})
+        out.append(
+            {
+                "id": f"mtpref-{i}",
+                "src": src,
+                "ref": ex["chosen"],
+                "chosen": ex["chosen"],
+                "rejected": ex["rejected"],
+                "src_lang": lang,
+                "doc_id": f"mtpref-{i}",
+            }
+        )
     return out
 
 
@@ -241,6 +286,7 @@ def mtpref_rows(split: str) -> list[dict]:
 
 # ---- DPO pairs from WMT system outputs (bundled) ----
 
+
 def best_worst(candidates: Sequence[dict]) -> tuple[dict, dict] | None:
     """(highest-chrF, lowest-chrF) candidate; None when every candidate scores the same or the texts are equal.
     Among equal scores the first in order wins, so the choice is deterministic."""
@@ -262,14 +308,24 @@ def wmt_pairs(n: int | None = None, seed: int = 42) -> list[dict]:
             pair = best_worst(r.get("candidates", []))
             if pair is None:
                 continue
-            rows.append({"id": r["id"], "src": r["src"], "ref": r.get("ref"), "src_lang": r.get("src_lang", "de"),
-                         "chosen": pair[0]["text"], "rejected": pair[1]["text"],
-                         "chosen_chrf": pair[0]["chrf"], "rejected_chrf": pair[1]["chrf"]})
+            rows.append(
+                {
+                    "id": r["id"],
+                    "src": r["src"],
+                    "ref": r.get("ref"),
+                    "src_lang": r.get("src_lang", "de"),
+                    "chosen": pair[0]["text"],
+                    "rejected": pair[1]["text"],
+                    "chosen_chrf": pair[0]["chrf"],
+                    "rejected_chrf": pair[1]["chrf"],
+                }
+            )
     rows = interleave([rows], seed)
     return rows[:n] if n is not None else rows
 
 
 # ---- provenance ----
+
 
 def rows_sha256(rows: Iterable[dict]) -> str:
     """Content hash of the exact rows used (order included)."""

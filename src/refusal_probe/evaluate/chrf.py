@@ -21,7 +21,9 @@ def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> ChrfRes
     from sacrebleu.metrics import CHRF
 
     if len(hypotheses) != len(references):
-        raise UserError(f"chrF needs one reference per hypothesis: got {len(hypotheses)} and {len(references)}")
+        raise UserError(
+            f"chrF needs one reference per hypothesis: got {len(hypotheses)} and {len(references)}"
+        )
     if not hypotheses:
         raise UserError("chrF of an empty corpus is undefined; pass at least one hypothesis/reference pair")
     metric = CHRF()

@@ -107,7 +107,9 @@ def format_table(results: dict[str, dict[str, Any]], value_name: str, digits: in
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
         for line in lines
     )
     signatures = dict.fromkeys(res["signature"] for res in results.values())

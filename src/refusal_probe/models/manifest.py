@@ -67,7 +67,7 @@ class RunManifest:
         except ValueError as exc:
             raise UserError(f"{path}: not valid JSON ({exc}); fix or remove the manifest") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise UserError(f"{path}: not a refusal-probe run manifest (expected \"format\": \"{FORMAT}\")")
+            raise UserError(f'{path}: not a refusal-probe run manifest (expected "format": "{FORMAT}")')
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         known.setdefault("run", Path(run_dir).name)
         known["checkpoints"] = {int(k): float(v) for k, v in (raw.get("checkpoints") or {}).items()}

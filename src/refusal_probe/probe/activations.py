@@ -140,7 +140,9 @@ def capture(
     layers = decoder_layers(model)
     d = hidden_size(model)
     if d is None:
-        raise UserError(f"{type(model).__name__}: its config names no hidden_size; this architecture is not supported")
+        raise UserError(
+            f"{type(model).__name__}: its config names no hidden_size; this architecture is not supported"
+        )
     acc = _Accumulator(len(prompts), len(layers), n_pos, d, keep)
     batches = length_sorted_batches(ids, batch_size)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)

@@ -23,7 +23,12 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or "default" in text:
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "default" in text
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -51,37 +56,79 @@ def _register_directions(sub: argparse._SubParsersAction) -> None:
             "direction.json, directions.safetensors (and validation.json with --validate)."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="model: local dir, adapter dir, .gguf file, embedded name or hub id")
-    p.add_argument("--base", default=None, help="base model for an adapter MODEL (default: the one the adapter names)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: ./directions/<model name>)")
-    p.add_argument("--layer", type=int, default=None, help="use candidates of this layer only (with --position: no choice)")
     p.add_argument(
-        "--position", type=int, default=None, help="use candidates at this post-instruction position only (-P..-1)"
-    )
-    p.add_argument("--n-train", type=int, default=128, help="harmful and harmless prompts each for the mean difference")
-    p.add_argument("--n-val", type=int, default=32, help="held-out harmful and harmless prompts each for scoring")
-    p.add_argument(
-        "--harmful", type=Path, default=None, help="harmful prompt file for extraction (default: bundled harmful_train "
-        "without its AdvBench items)"
+        "model", metavar="MODEL", help="model: local dir, adapter dir, .gguf file, embedded name or hub id"
     )
     p.add_argument(
-        "--harmless", type=Path, default=None, help="harmless prompt file for extraction (default: bundled harmless_train)"
+        "--base", default=None, help="base model for an adapter MODEL (default: the one the adapter names)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: ./directions/<model name>)"
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="use candidates of this layer only (with --position: no choice)",
+    )
+    p.add_argument(
+        "--position",
+        type=int,
+        default=None,
+        help="use candidates at this post-instruction position only (-P..-1)",
+    )
+    p.add_argument(
+        "--n-train", type=int, default=128, help="harmful and harmless prompts each for the mean difference"
+    )
+    p.add_argument(
+        "--n-val", type=int, default=32, help="held-out harmful and harmless prompts each for scoring"
+    )
+    p.add_argument(
+        "--harmful",
+        type=Path,
+        default=None,
+        help="harmful prompt file for extraction (default: bundled harmful_train without its AdvBench items)",
+    )
+    p.add_argument(
+        "--harmless",
+        type=Path,
+        default=None,
+        help="harmless prompt file for extraction (default: bundled harmless_train)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass / generate call")
-    p.add_argument("--search", choices=("auto", "full", "coarse"), default="auto",
-                   help="score every (layer, position) candidate (full), or the last position at every layer then all "
-                        "positions at the 3 best layers (coarse, ~4x cheaper); auto = full on CUDA, coarse on CPU")
-    p.add_argument("--validate-set", choices=sorted(VALIDATE_SETS), default="advbench",
-                   help="held-out harmful prompts for --validate: advbench (the study's 520; extraction uses the "
-                        "harmful_train split without its AdvBench items) or harmful_test (JailbreakBench, HarmBench "
-                        "test, StrongREJECT: harder) (default: advbench)")
-    p.add_argument("--fresh", action="store_true",
-                   help="recompute candidate scores even when --out holds scores made with the same settings")
-    p.add_argument("--validate", action="store_true", help="also generate and judge refusal with/without intervention")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer with --validate")
-    p.add_argument("--n-validate", type=int, default=64,
-                   help="prompts each for --validate, disjoint from extraction and selection: harmful from "
-                        "--validate-set, harmless from harmless_val minus the selection sample (default: 64)")
+    p.add_argument(
+        "--search",
+        choices=("auto", "full", "coarse"),
+        default="auto",
+        help="score every (layer, position) candidate (full), or the last position at every layer then all "
+        "positions at the 3 best layers (coarse, ~4x cheaper); auto = full on CUDA, coarse on CPU",
+    )
+    p.add_argument(
+        "--validate-set",
+        choices=sorted(VALIDATE_SETS),
+        default="advbench",
+        help="held-out harmful prompts for --validate: advbench (the study's 520; extraction uses the "
+        "harmful_train split without its AdvBench items) or harmful_test (JailbreakBench, HarmBench "
+        "test, StrongREJECT: harder) (default: advbench)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute candidate scores even when --out holds scores made with the same settings",
+    )
+    p.add_argument(
+        "--validate", action="store_true", help="also generate and judge refusal with/without intervention"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens generated per answer with --validate"
+    )
+    p.add_argument(
+        "--n-validate",
+        type=int,
+        default=64,
+        help="prompts each for --validate, disjoint from extraction and selection: harmful from "
+        "--validate-set, harmless from harmless_val minus the selection sample (default: 64)",
+    )
     p.add_argument("--judge", default="keywords", help="refusal judge for --validate")
     p.add_argument(
         "--refusal-tokens",
@@ -91,14 +138,25 @@ def _register_directions(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (float32 on CPU)")
     p.add_argument(
-        "--backend", choices=("hooks", "transformer-lens"), default="hooks", help="how activations are captured"
+        "--backend",
+        choices=("hooks", "transformer-lens"),
+        default="hooks",
+        help="how activations are captured",
     )
-    p.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates whose ablation KL exceeds this")
     p.add_argument(
-        "--induce-threshold", type=float, default=0.0, help="discard candidates whose steering score is below this"
+        "--kl-threshold", type=float, default=0.1, help="discard candidates whose ablation KL exceeds this"
     )
     p.add_argument(
-        "--max-layer-fraction", type=float, default=0.8, help="discard candidates from layers >= floor(this * layers)"
+        "--induce-threshold",
+        type=float,
+        default=0.0,
+        help="discard candidates whose steering score is below this",
+    )
+    p.add_argument(
+        "--max-layer-fraction",
+        type=float,
+        default=0.8,
+        help="discard candidates from layers >= floor(this * layers)",
     )
     p.add_argument(
         "--skip-late-layers",
@@ -126,8 +184,12 @@ def _check_args(args: argparse.Namespace) -> None:
     require(args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1")
     require(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     require(args.n_validate >= 1, f"--n-validate {args.n_validate} must be at least 1")
-    require(0 < args.max_layer_fraction <= 1, f"--max-layer-fraction {args.max_layer_fraction} must be in (0, 1]")
-    require(args.position is None or args.position < 0, f"--position {args.position} must be negative (-P..-1)")
+    require(
+        0 < args.max_layer_fraction <= 1, f"--max-layer-fraction {args.max_layer_fraction} must be in (0, 1]"
+    )
+    require(
+        args.position is None or args.position < 0, f"--position {args.position} must be negative (-P..-1)"
+    )
     if args.out is not None and args.out.exists():
         require(args.out.is_dir(), f"--out {args.out} exists and is not a folder; pass a folder path")
 
@@ -147,13 +209,19 @@ def run_directions(args: argparse.Namespace) -> int:
     harmless = data.load_prompts(args.harmless) if args.harmless else data.harmless_train()
     harmful_val, harmless_val = data.harmful_val(), data.harmless_val()
     sources = {
-        "harmful_train": str(args.harmful) if args.harmful else "bundled:refusal_direction/harmful_train_no_advbench.json",
-        "harmless_train": str(args.harmless) if args.harmless else "bundled:refusal_direction/harmless_train_first2048.json",
+        "harmful_train": str(args.harmful)
+        if args.harmful
+        else "bundled:refusal_direction/harmful_train_no_advbench.json",
+        "harmless_train": str(args.harmless)
+        if args.harmless
+        else "bundled:refusal_direction/harmless_train_first2048.json",
         "harmful_val": "bundled:refusal_direction/harmful_val.json",
         "harmless_val": "bundled:refusal_direction/harmless_val_first1024.json",
     }
     out = args.out or default_out(args.model)
-    model, tokenizer = load_model(args.model, base=args.base, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tokenizer = load_model(
+        args.model, base=args.base, dtype=getattr(torch, args.dtype), device=args.device
+    )
     phrases = parse_phrases(args.refusal_tokens) if args.refusal_tokens else None
     ids = refusal_token_ids(tokenizer, phrases) if phrases else refusal_token_ids(tokenizer)
 
@@ -162,10 +230,19 @@ def run_directions(args: argparse.Namespace) -> int:
     except UserError:
         revision = None
     request = dict(
-        n_train=args.n_train, n_val=args.n_val, seed=args.seed, backend=args.backend,
-        max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold,
-        induce_threshold=args.induce_threshold, refusal_ids=ids, forced_layer=args.layer,
-        forced_position=args.position, search=_resolved_search(args), model_revision=revision, dtype=args.dtype,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        seed=args.seed,
+        backend=args.backend,
+        max_layer_fraction=args.max_layer_fraction,
+        kl_threshold=args.kl_threshold,
+        induce_threshold=args.induce_threshold,
+        refusal_ids=ids,
+        forced_layer=args.layer,
+        forced_position=args.position,
+        search=_resolved_search(args),
+        model_revision=revision,
+        dtype=args.dtype,
     )
     result = None if args.fresh else _reuse(out, request, sources)
     if result is not None:
@@ -214,7 +291,11 @@ def _reuse(out: Path, request: dict, sources: dict):
         return None
     if request["forced_layer"] is None or request["forced_position"] is None:
         row = choose(saved.scores)
-        saved.layer, saved.position, saved.warning = int(row["layer"]), int(row["position"]), str(row["warning"])
+        saved.layer, saved.position, saved.warning = (
+            int(row["layer"]),
+            int(row["position"]),
+            str(row["warning"]),
+        )
         n_pos = saved.directions.shape[1]
         saved.direction = saved.directions[saved.layer, n_pos + saved.position].clone()
     return saved
@@ -256,7 +337,9 @@ def _validate(args, model, tokenizer, result, harmless_val, sources, out) -> Non
     selection = set(sample_prompts(harmless_val, args.n_val, args.seed))
     harmful_set = data.advbench() if args.validate_set == "advbench" else data.harmful_test()
     harmful_check = sample_prompts(harmful_set, args.n_validate, args.seed)
-    harmless_check = sample_prompts([p for p in harmless_val if p not in selection], args.n_validate, args.seed)
+    harmless_check = sample_prompts(
+        [p for p in harmless_val if p not in selection], args.n_validate, args.seed
+    )
     report = validate(
         model,
         tokenizer,
@@ -281,8 +364,10 @@ def _validate(args, model, tokenizer, result, harmless_val, sources, out) -> Non
 def _print_choice(result, out: Path) -> None:
     s = result.scores
     row = result.chosen
-    print(f"refusal direction: layer {result.layer}, position {result.position} (of {len(result.positions)}), "
-          f"norm {row.get('direction_norm', float('nan')):.4g}")
+    print(
+        f"refusal direction: layer {result.layer}, position {result.position} (of {len(result.positions)}), "
+        f"norm {row.get('direction_norm', float('nan')):.4g}"
+    )
     print(
         f"  refusal score harmful {_fmt(row.get('harmful_baseline'))} -> {_fmt(row.get('ablation_score'))} ablated; "
         f"harmless {_fmt(row.get('harmless_baseline'))} -> {_fmt(row.get('steering_score'))} added; "
@@ -307,11 +392,17 @@ def _print_choice(result, out: Path) -> None:
 
 def _print_validation(report: dict) -> None:
     cut = report["harmful_relative_cut"]
-    print(f"validation ({report['n_harmful']} harmful, {report['n_harmless']} harmless prompts; {report['judge_signature']}):")
-    print(f"  harmful refusal rate   {report['harmful_refusal_rate']:.1%} -> {report['harmful_refusal_rate_ablated']:.1%} "
-          f"with ablation (relative cut {'n/a' if cut is None else f'{cut:.1%}'})")
-    print(f"  harmless refusal rate  {report['harmless_refusal_rate']:.1%} -> {report['harmless_refusal_rate_added']:.1%} "
-          f"with addition at layer {report['layer']}")
+    print(
+        f"validation ({report['n_harmful']} harmful, {report['n_harmless']} harmless prompts; {report['judge_signature']}):"
+    )
+    print(
+        f"  harmful refusal rate   {report['harmful_refusal_rate']:.1%} -> {report['harmful_refusal_rate_ablated']:.1%} "
+        f"with ablation (relative cut {'n/a' if cut is None else f'{cut:.1%}'})"
+    )
+    print(
+        f"  harmless refusal rate  {report['harmless_refusal_rate']:.1%} -> {report['harmless_refusal_rate_added']:.1%} "
+        f"with addition at layer {report['layer']}"
+    )
 
 
 def _fmt(value) -> str:

@@ -135,7 +135,9 @@ def add(model: Any, vector: torch.Tensor, layer: int, *, coeff: float = 1.0) -> 
     """Add ``coeff * vector`` (not normalised) to the residual stream entering block ``layer``, at every position."""
     layers = decoder_layers(model)
     if not -len(layers) <= layer < len(layers):
-        raise UserError(f"layer {layer} is out of range: the model has {len(layers)} decoder blocks (0..{len(layers) - 1})")
+        raise UserError(
+            f"layer {layer} is out of range: the model has {len(layers)} decoder blocks (0..{len(layers) - 1})"
+        )
     v = torch.as_tensor(vector).detach().to("cpu", torch.float64).flatten() * coeff
     if not bool(torch.isfinite(v).all()):
         raise UserError("the vector to add has non-finite entries")

@@ -96,7 +96,11 @@ def refusal_score(logits_last: torch.Tensor, refusal_ids: Sequence[int], eps: fl
     mask[ids] = True
     total = torch.logsumexp(logits, dim=-1)
     log_p = torch.logsumexp(logits[:, mask], dim=-1) - total
-    log_q = torch.logsumexp(logits[:, ~mask], dim=-1) - total if bool((~mask).any()) else torch.full_like(total, -math.inf)
+    log_q = (
+        torch.logsumexp(logits[:, ~mask], dim=-1) - total
+        if bool((~mask).any())
+        else torch.full_like(total, -math.inf)
+    )
     if eps > 0:
         log_eps = torch.tensor(math.log(eps), dtype=torch.float64)
         log_p, log_q = torch.logaddexp(log_p, log_eps), torch.logaddexp(log_q, log_eps)
@@ -194,7 +198,9 @@ def choose(df: pd.DataFrame) -> pd.Series:
             row = df.loc[best].copy()
             row["warning"] = message
             return row
-    raise UserError("no direction candidate has a finite ablation score; check the model's outputs (NaN logits?)")
+    raise UserError(
+        "no direction candidate has a finite ablation score; check the model's outputs (NaN logits?)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- model running
@@ -206,7 +212,7 @@ def refusal_token_ids(tokenizer: Any, phrases: Sequence[str] = DEFAULT_REFUSAL_P
 
     phrases = [p for p in phrases if p and p.strip()]
     if not phrases:
-        raise UserError("no refusal phrases given: pass e.g. --refusal-tokens \"I,Sorry\"")
+        raise UserError('no refusal phrases given: pass e.g. --refusal-tokens "I,Sorry"')
     prompt = format_prompts(tokenizer, ["Hello"])[0]
 
     def encode(text: str) -> list[int]:
@@ -232,7 +238,7 @@ def parse_phrases(text: str) -> list[str]:
     """``"I,Sorry, As an AI"`` -> ``["I", "Sorry", "As an AI"]`` (the --refusal-tokens option)."""
     phrases = [p.strip() for p in text.split(",") if p.strip()]
     if not phrases:
-        raise UserError(f"--refusal-tokens {text!r} names no phrase; pass e.g. \"I,Sorry\"")
+        raise UserError(f'--refusal-tokens {text!r} names no phrase; pass e.g. "I,Sorry"')
     return phrases
 
 
@@ -346,10 +352,14 @@ def score_candidates(
                 pass  # stays NaN: filtered as "nan"
             else:
                 with ablate(model, vector):
-                    row["ablation_score"] = float(refusal_score(last_logits(model, harmful_b), refusal_ids).mean())
+                    row["ablation_score"] = float(
+                        refusal_score(last_logits(model, harmful_b), refusal_ids).mean()
+                    )
                     row["kl"] = float(kl_last(base_harmless, last_logits(model, harmless_b)).mean())
                 with add(model, vector, layer):
-                    row["steering_score"] = float(refusal_score(last_logits(model, harmless_b), refusal_ids).mean())
+                    row["steering_score"] = float(
+                        refusal_score(last_logits(model, harmless_b), refusal_ids).mean()
+                    )
             if (layer, pos) in todo:
                 bar.update(1)
             rows.append(row)
@@ -434,10 +444,14 @@ class DirectionResult:
         out = Path(out_dir)
         missing = [n for n in (DIRECTION_JSON, CANDIDATES_CSV, DIRECTIONS_ST) if not (out / n).is_file()]
         if missing:
-            raise UserError(f"{out}: not a directions folder (missing {', '.join(missing)}); run `refusal-probe directions`")
+            raise UserError(
+                f"{out}: not a directions folder (missing {', '.join(missing)}); run `refusal-probe directions`"
+            )
         meta = read_json(out / DIRECTION_JSON)
         if meta.get("format") != FORMAT:
-            raise UserError(f"{out / DIRECTION_JSON}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise UserError(
+                f"{out / DIRECTION_JSON}: unknown format {meta.get('format')!r}, expected {FORMAT!r}"
+            )
         tensors = load_file(str(out / DIRECTIONS_ST))
         scores = pd.read_csv(out / CANDIDATES_CSV, keep_default_na=False, na_values=[""])
         scores["filtered_reason"] = scores["filtered_reason"].fillna("").astype(str)
@@ -473,7 +487,9 @@ def sample_prompts(prompts: list[str], n: int | None, seed: int) -> list[str]:
 SEARCHES = ("full", "coarse")
 
 
-def coarse_to_fine(score: Callable[..., pd.DataFrame], n_layers: int, n_pos: int, cutoff: int, top_layers: int) -> pd.DataFrame:
+def coarse_to_fine(
+    score: Callable[..., pd.DataFrame], n_layers: int, n_pos: int, cutoff: int, top_layers: int
+) -> pd.DataFrame:
     """Score the last position at every allowed layer, then every position at the ``top_layers`` best layers.
 
     Each candidate costs three forward passes over the held-out prompts, so on a CPU scoring all L x P of them takes
@@ -547,10 +563,14 @@ def select_direction(
 
     if layer is not None:
         if not -n_layers <= layer < n_layers:
-            raise UserError(f"--layer {layer} is out of range: the model has {n_layers} decoder blocks (0..{n_layers - 1})")
+            raise UserError(
+                f"--layer {layer} is out of range: the model has {n_layers} decoder blocks (0..{n_layers - 1})"
+            )
         layer %= n_layers
     if position is not None and not -n_pos <= position < 0:
-        raise UserError(f"--position {position} is out of range: the template has {n_pos} post-instruction tokens (-{n_pos}..-1)")
+        raise UserError(
+            f"--position {position} is out of range: the template has {n_pos} post-instruction tokens (-{n_pos}..-1)"
+        )
     only = None
     if layer is not None or position is not None:
         only = {
@@ -605,14 +625,20 @@ def select_direction(
         raise UserError(f"unknown search {search!r}: choose one of {', '.join(SEARCHES)}, auto")
     settings["search"] = search
     if only is None and search == "coarse":
-        scores = coarse_to_fine(score, n_layers, n_pos, layer_cutoff(n_layers, max_layer_fraction), top_layers)
+        scores = coarse_to_fine(
+            score, n_layers, n_pos, layer_cutoff(n_layers, max_layer_fraction), top_layers
+        )
         settings["coarse_top_layers"] = top_layers
     else:
         scores = score(only=only)
     if layer is not None and position is not None:
         row = scores[(scores["layer"] == layer) & (scores["position"] == position)].iloc[0]
         reason = str(row["filtered_reason"])
-        warning = f"forced candidate layer {layer} position {position} would have been filtered ({reason})" if reason else ""
+        warning = (
+            f"forced candidate layer {layer} position {position} would have been filtered ({reason})"
+            if reason
+            else ""
+        )
         chosen_layer, chosen_pos = layer, position
     else:
         row = choose(scores)

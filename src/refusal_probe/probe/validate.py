@@ -40,7 +40,9 @@ def _get_judge(judge: Any) -> Any:
     try:
         from refusal_probe.evaluate.judge import get_judge
     except ImportError as exc:
-        raise UserError(f"refusal judge {judge!r} is unavailable ({exc}); install refusal-probe completely") from None
+        raise UserError(
+            f"refusal judge {judge!r} is unavailable ({exc}); install refusal-probe completely"
+        ) from None
     return get_judge(judge)
 
 
@@ -69,7 +71,12 @@ def validate(
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     j = _get_judge(judge)
-    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, stop=getattr(j, "has_keyword", None))
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        stop=getattr(j, "has_keyword", None),
+    )
 
     def run(prompts: list[str], desc: str) -> list[str]:
         return [g.text for g in generate_detailed(model, tokenizer, prompts, desc=desc, **kw)]

@@ -13,7 +13,13 @@ import torch
 from refusal_probe import data
 
 SPECIALS = {
-    "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "llama": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ],
     "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
 }
 
@@ -61,7 +67,9 @@ def build_tokenizer(arch: str = "llama", vocab_size: int = 384):
     return fast
 
 
-def build_model(arch: str = "llama", vocab_size: int = 384, n_layers: int = 4, hidden: int = 64, seed: int = 0):
+def build_model(
+    arch: str = "llama", vocab_size: int = 384, n_layers: int = 4, hidden: int = 64, seed: int = 0
+):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
@@ -79,7 +87,9 @@ def build_model(arch: str = "llama", vocab_size: int = 384, n_layers: int = 4, h
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def make_tiny_model(path: str | Path, arch: str = "llama", n_layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+def make_tiny_model(
+    path: str | Path, arch: str = "llama", n_layers: int = 4, hidden: int = 64, seed: int = 0
+) -> Path:
     """Write a tiny random chat model (safetensors + tokenizer with chat template) to ``path``."""
     path = Path(path)
     tok = build_tokenizer(arch)

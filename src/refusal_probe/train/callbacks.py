@@ -54,8 +54,14 @@ class ManifestWriter(TrainerCallback):
     The manifest is first written with the first checkpoint, so a run folder never holds a manifest without weights.
     """
 
-    def __init__(self, manifest: RunManifest, run_dir: Path, fractions: Sequence[float],
-                 previous_wall_s: float = 0.0, started: float | None = None):
+    def __init__(
+        self,
+        manifest: RunManifest,
+        run_dir: Path,
+        fractions: Sequence[float],
+        previous_wall_s: float = 0.0,
+        started: float | None = None,
+    ):
         self.manifest = manifest
         self.run_dir = Path(run_dir)
         self.fractions = list(fractions)
@@ -91,15 +97,18 @@ class PruneOptimizerState(TrainerCallback):
 
 
 def checkpoint_step(d: Path) -> int:
-    return int(d.name[len(CHECKPOINT_PREFIX):])
+    return int(d.name[len(CHECKPOINT_PREFIX) :])
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """checkpoint-<step>/ folders of a run, by step."""
     if not run_dir.is_dir():
         return []
-    dirs = [p for p in run_dir.iterdir()
-            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    dirs = [
+        p
+        for p in run_dir.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return sorted(dirs, key=checkpoint_step)
 
 

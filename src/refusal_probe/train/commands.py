@@ -14,17 +14,24 @@ def register(subparsers) -> None:
         "train",
         help="fine-tune a model (full | lora | qlora | dpo) and save checkpoints at fractions of training",
         description="Fine-tune a chat model for X->English translation and write <out>/<run>/checkpoint-<step>/ "
-                    "(HF Trainer layout) at the configured fractions of training, plus <out>/<run>/run.json. "
-                    "Settings come from the defaults, then --config FILE, then the flags below. A complete run is "
-                    "skipped; an interrupted one resumes from its last checkpoint.",
+        "(HF Trainer layout) at the configured fractions of training, plus <out>/<run>/run.json. "
+        "Settings come from the defaults, then --config FILE, then the flags below. A complete run is "
+        "skipped; an interrupted one resumes from its last checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help="TOML file of settings (top-level keys or [base], plus [per_method.<method>]); a sweep file "
-                        "works too (its [grid] is ignored)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML file of settings (top-level keys or [base], plus [per_method.<method>]); a sweep file "
+        "works too (its [grid] is ignored)",
+    )
     p.add_argument("--out", metavar="DIR", default="runs", help="folder that receives the run folder")
-    p.add_argument("--show-config", action="store_true",
-                   help="print the resolved settings as TOML and exit without training")
+    p.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print the resolved settings as TOML and exit without training",
+    )
     tconfig.add_arguments(p)
     p.set_defaults(func=_train)
 
@@ -32,18 +39,31 @@ def register(subparsers) -> None:
         "sweep",
         help="run (or print commands for) a grid of training runs from a TOML file",
         description="Expand [grid] (methods x learning rates x any other setting) over [base] and train each run "
-                    "in turn, skipping complete runs and resuming partial ones. See experiments/README.md.",
+        "in turn, skipping complete runs and resuming partial ones. See experiments/README.md.",
     )
     s.add_argument("file", metavar="FILE", help="sweep TOML, e.g. experiments/cpu-small.toml")
-    s.add_argument("--out", metavar="DIR", default=None, help="where the runs go (default: [sweep] out, else "
-                                                                "runs/<file stem>)")
-    s.add_argument("--print-commands", action="store_true",
-                   help="print one `refusal-probe train ...` command per run (for a cluster) and exit")
-    s.add_argument("--accelerate", action="store_true",
-                   help="use `accelerate launch -m refusal_probe.cli train ...` (several GPUs): in printed commands, "
-                        "and to launch each run")
-    s.add_argument("--dry-run", action="store_true",
-                   help="list the runs with their state (new / resume from checkpoint-N / complete) and exit")
+    s.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="where the runs go (default: [sweep] out, else runs/<file stem>)",
+    )
+    s.add_argument(
+        "--print-commands",
+        action="store_true",
+        help="print one `refusal-probe train ...` command per run (for a cluster) and exit",
+    )
+    s.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="use `accelerate launch -m refusal_probe.cli train ...` (several GPUs): in printed commands, "
+        "and to launch each run",
+    )
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs with their state (new / resume from checkpoint-N / complete) and exit",
+    )
     s.set_defaults(func=_sweep)
 
 

@@ -27,8 +27,17 @@ KNOWN_LANGS = ("de", "fr", "es", "it", "pt", "nl")
 
 # Settings that change how a run executes but not what it learns: a run may resume with different values.
 EXECUTION_ONLY = frozenset(
-    {"device", "bf16", "gradient_checkpointing", "logging_steps", "keep_optimizer", "per_device_batch_size",
-     "grad_accum", "run_name", "world_size"}
+    {
+        "device",
+        "bf16",
+        "gradient_checkpointing",
+        "logging_steps",
+        "keep_optimizer",
+        "per_device_batch_size",
+        "grad_accum",
+        "run_name",
+        "world_size",
+    }
 )
 
 
@@ -37,70 +46,121 @@ class TrainConfig(Settings):
     NOUN = "training setting"
 
     # What to train
-    method: str = _opt("lora", "Fine-tuning method: full | lora | qlora | dpo (full-parameter DPO unless --dpo-lora).",
-                       METHODS)
-    model: str = _opt("qwen2.5-coder-0.5b-instruct",
-                      "Base model: hub id, local HF directory, .gguf file or embedded name.")
+    method: str = _opt(
+        "lora",
+        "Fine-tuning method: full | lora | qlora | dpo (full-parameter DPO unless --dpo-lora).",
+        METHODS,
+    )
+    model: str = _opt(
+        "qwen2.5-coder-0.5b-instruct", "Base model: hub id, local HF directory, .gguf file or embedded name."
+    )
     run_name: str | None = _opt(None, "Run folder name under --out (default '<method>-lr<learning_rate>').")
 
     # Optimisation
     learning_rate: float = _opt(5e-5, "Peak learning rate (the study swept 1e-4, 5e-5, 1e-5, 5e-6).")
     epochs: float = _opt(1.0, "Passes over the training data (the study: one epoch).")
-    max_steps: int | None = _opt(None, "Cap on optimizer steps; training stops at min(max_steps, steps of --epochs).")
+    max_steps: int | None = _opt(
+        None, "Cap on optimizer steps; training stops at min(max_steps, steps of --epochs)."
+    )
     per_device_batch_size: int = _opt(8, "Sequences per forward pass on each device.")
-    grad_accum: int = _opt(1, "Gradient accumulation steps; effective batch = per-device batch x grad_accum x devices "
-                              "(the study: 8).")
-    lr_scheduler: str = _opt("cosine", "Learning-rate schedule (any transformers SchedulerType, e.g. cosine, linear, "
-                                       "constant_with_warmup).")
-    warmup_ratio: float = _opt(0.1, "Fraction of the steps spent warming the learning rate up linearly from 0.")
+    grad_accum: int = _opt(
+        1,
+        "Gradient accumulation steps; effective batch = per-device batch x grad_accum x devices "
+        "(the study: 8).",
+    )
+    lr_scheduler: str = _opt(
+        "cosine",
+        "Learning-rate schedule (any transformers SchedulerType, e.g. cosine, linear, constant_with_warmup).",
+    )
+    warmup_ratio: float = _opt(
+        0.1, "Fraction of the steps spent warming the learning rate up linearly from 0."
+    )
     weight_decay: float = _opt(0.1, "AdamW weight decay.")
-    optim: str = _opt("adamw_torch", "Optimizer name as transformers knows it (the study: adamw_torch; "
-                                     "paged_adamw_8bit needs CUDA).")
+    optim: str = _opt(
+        "adamw_torch",
+        "Optimizer name as transformers knows it (the study: adamw_torch; paged_adamw_8bit needs CUDA).",
+    )
     seed: int = _opt(42, "Seed for data order, LoRA initialisation and dropout.")
     max_length: int = _opt(512, "Longest training sequence in tokens (prompt + answer); longer ones are cut.")
-    dtype: str = _opt("float32", "Weight dtype of the trained model. float32 keeps small updates exact; the study "
-                                 "loaded bfloat16 weights.", ("float32", "bfloat16"))
+    dtype: str = _opt(
+        "float32",
+        "Weight dtype of the trained model. float32 keeps small updates exact; the study "
+        "loaded bfloat16 weights.",
+        ("float32", "bfloat16"),
+    )
 
     # LoRA / QLoRA
     lora_r: int = _opt(8, "LoRA rank.")
     lora_alpha: int = _opt(32, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _opt(0.1, "Dropout on the LoRA input.")
-    lora_targets: list[str] = _opt(list(LORA_PRESETS["attn"]),
-                                   "Modules to adapt, comma-separated, or a preset: attn (q,k,v,o; the default), "
-                                   "qlora-all (q,k,v,o,gate,up,down: the study's QLoRA), or peft's all-linear.")
+    lora_targets: list[str] = _opt(
+        list(LORA_PRESETS["attn"]),
+        "Modules to adapt, comma-separated, or a preset: attn (q,k,v,o; the default), "
+        "qlora-all (q,k,v,o,gate,up,down: the study's QLoRA), or peft's all-linear.",
+    )
     qlora_quant_type: str = _opt("nf4", "4-bit quantisation of the QLoRA base.", ("nf4", "fp4"))
-    qlora_double_quant: bool = _opt(True, "Quantise the quantisation constants too (QLoRA double quantisation).")
+    qlora_double_quant: bool = _opt(
+        True, "Quantise the quantisation constants too (QLoRA double quantisation)."
+    )
 
     # DPO
     dpo_beta: float = _opt(0.1, "DPO beta: strength of the pull toward the reference model.")
     dpo_loss: str = _opt("sigmoid", "DPO loss type (TRL names: sigmoid, hinge, ipo, ...).")
-    dpo_lora: bool = _opt(False, "Train DPO through a LoRA adapter instead of all parameters (the study: all).")
-    dpo_pairs: str = _opt("auto", "Preference pairs: wmt (bundled WMT22/23 de-en system outputs, best vs worst chrF), "
-                                  "on-policy (reference vs the base model's own greedy translation), auto (the "
-                                  "dataset's own pairs for mt-pref, else wmt).", ("auto", "wmt", "on-policy"))
+    dpo_lora: bool = _opt(
+        False, "Train DPO through a LoRA adapter instead of all parameters (the study: all)."
+    )
+    dpo_pairs: str = _opt(
+        "auto",
+        "Preference pairs: wmt (bundled WMT22/23 de-en system outputs, best vs worst chrF), "
+        "on-policy (reference vs the base model's own greedy translation), auto (the "
+        "dataset's own pairs for mt-pref, else wmt).",
+        ("auto", "wmt", "on-policy"),
+    )
 
     # Checkpoints
-    checkpoint_fractions: list[float] = _opt([0.25, 0.5, 0.75, 1.0],
-                                             "Save a checkpoint at these fractions of the total steps.")
-    keep_optimizer: str = _opt("resume", "Optimizer state to keep: resume (only the newest checkpoint's, enough to "
-                                         "resume; deleted when the run completes) or all.", ("resume", "all"))
+    checkpoint_fractions: list[float] = _opt(
+        [0.25, 0.5, 0.75, 1.0], "Save a checkpoint at these fractions of the total steps."
+    )
+    keep_optimizer: str = _opt(
+        "resume",
+        "Optimizer state to keep: resume (only the newest checkpoint's, enough to "
+        "resume; deleted when the run completes) or all.",
+        ("resume", "all"),
+    )
 
     # Data
-    train_data: str = _opt("ntrex", "Translation data: ntrex (bundled NTREX-128, offline, split by document) or "
-                                    "mt-pref (sardinelab/MT-pref from the hub, filtered as the study did).",
-                           ("ntrex", "mt-pref"))
+    train_data: str = _opt(
+        "ntrex",
+        "Translation data: ntrex (bundled NTREX-128, offline, split by document) or "
+        "mt-pref (sardinelab/MT-pref from the hub, filtered as the study did).",
+        ("ntrex", "mt-pref"),
+    )
     langs: list[str] = _opt(["de", "fr", "es", "it", "pt"], "Source languages (X->English), comma-separated.")
-    include_nl: bool = _opt(False, "mt-pref only: also keep Dutch, which the study's Latin-script filter let through.")
-    n_train: int | None = _opt(None, "Use only this many training rows (balanced across languages); default all.")
-    completion_only_loss: bool = _opt(True, "Loss on the answer tokens only (the study's full fine-tuning did this; "
-                                            "its LoRA/QLoRA scripts trained on the whole chat).")
-    prompt_format: str = _opt("seed", "User turn: seed (the raw source text, as in the study) or instructed "
-                                      "('Translate the following <Language> text to English: ...').",
-                              ("seed", "instructed"))
+    include_nl: bool = _opt(
+        False, "mt-pref only: also keep Dutch, which the study's Latin-script filter let through."
+    )
+    n_train: int | None = _opt(
+        None, "Use only this many training rows (balanced across languages); default all."
+    )
+    completion_only_loss: bool = _opt(
+        True,
+        "Loss on the answer tokens only (the study's full fine-tuning did this; "
+        "its LoRA/QLoRA scripts trained on the whole chat).",
+    )
+    prompt_format: str = _opt(
+        "seed",
+        "User turn: seed (the raw source text, as in the study) or instructed "
+        "('Translate the following <Language> text to English: ...').",
+        ("seed", "instructed"),
+    )
 
     # Hardware
-    device: str = _opt("auto", "Where to train: auto (cuda if available), cpu or cuda.", ("auto", "cpu", "cuda"))
-    bf16: bool | None = _opt(None, "bfloat16 mixed precision; default on where CUDA supports it. Forced off on CPU.")
+    device: str = _opt(
+        "auto", "Where to train: auto (cuda if available), cpu or cuda.", ("auto", "cpu", "cuda")
+    )
+    bf16: bool | None = _opt(
+        None, "bfloat16 mixed precision; default on where CUDA supports it. Forced off on CPU."
+    )
     gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory. Forced off on CPU.")
     logging_steps: int = _opt(1, "Log the loss every this many steps.")
 
@@ -129,27 +189,51 @@ class TrainConfig(Settings):
         _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
         _check(self.epochs > 0, "epochs", self.epochs, "a positive number")
-        _check(self.max_steps is None or self.max_steps > 0, "max_steps", self.max_steps, "a positive integer")
-        _check(self.per_device_batch_size > 0, "per_device_batch_size", self.per_device_batch_size, "a positive integer")
+        _check(
+            self.max_steps is None or self.max_steps > 0, "max_steps", self.max_steps, "a positive integer"
+        )
+        _check(
+            self.per_device_batch_size > 0,
+            "per_device_batch_size",
+            self.per_device_batch_size,
+            "a positive integer",
+        )
         _check(self.grad_accum > 0, "grad_accum", self.grad_accum, "a positive integer")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
         _check(self.max_length >= 8, "max_length", self.max_length, "at least 8 tokens")
         _check(self.lora_r > 0, "lora_r", self.lora_r, "a positive integer")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
-        _check(bool(self.lora_targets), "lora_targets", self.lora_targets, "at least one module name or a preset")
+        _check(
+            bool(self.lora_targets), "lora_targets", self.lora_targets, "at least one module name or a preset"
+        )
         _check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "a positive number")
         fr = self.checkpoint_fractions
         _check(bool(fr) and all(0 < f <= 1 for f in fr), "checkpoint_fractions", fr, "values in (0, 1]")
         _check(self.n_train is None or self.n_train > 0, "n_train", self.n_train, "a positive integer")
         bad = [lang for lang in self.langs if lang not in KNOWN_LANGS]
         _check(not bad and bool(self.langs), "langs", self.langs, f"codes from {', '.join(KNOWN_LANGS)}")
-        _check(self.run_name is None or ("/" not in self.run_name and not self.run_name.startswith(".")),
-               "run_name", self.run_name, "a plain folder name")
-        for key in ("dtype", "qlora_quant_type", "dpo_pairs", "keep_optimizer", "train_data", "prompt_format"):
+        _check(
+            self.run_name is None or ("/" not in self.run_name and not self.run_name.startswith(".")),
+            "run_name",
+            self.run_name,
+            "a plain folder name",
+        )
+        for key in (
+            "dtype",
+            "qlora_quant_type",
+            "dpo_pairs",
+            "keep_optimizer",
+            "train_data",
+            "prompt_format",
+        ):
             choices = TrainConfig.field_choices(key) or ()
             _check(getattr(self, key) in choices, key, getattr(self, key), f"one of {', '.join(choices)}")
-        _check(self.device in ("auto", "cpu", "cuda"), "device", self.device,
-               "auto, cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES; several GPUs: accelerate launch)")
+        _check(
+            self.device in ("auto", "cpu", "cuda"),
+            "device",
+            self.device,
+            "auto, cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES; several GPUs: accelerate launch)",
+        )
         return self
 
 
@@ -172,6 +256,7 @@ def field_names() -> list[str]:
 
 # ---- TOML files ----
 
+
 def config_values(doc: dict[str, Any], method: str | None, where: str) -> dict[str, Any]:
     """Training settings from a TOML document: top-level keys or a [base] table, then [per_method.<method>].
 
@@ -185,12 +270,15 @@ def config_values(doc: dict[str, Any], method: str | None, where: str) -> dict[s
         raise UserError(f"{where}: [per_method.<method>] must be tables of settings")
     unknown = [m for m in per_method if m not in METHODS]
     if unknown:
-        raise UserError(f"{where}: [per_method.{unknown[0]}] names no method; use one of {', '.join(METHODS)}")
+        raise UserError(
+            f"{where}: [per_method.{unknown[0]}] names no method; use one of {', '.join(METHODS)}"
+        )
     values.update(per_method.get(method, {}))
     return values
 
 
 # ---- CLI flags ----
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--learning-rate ...), grouped; help and default from the field."""

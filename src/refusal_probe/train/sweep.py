@@ -62,8 +62,10 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     known = field_names()
     for key, values in grid.items():
         if key not in known:
-            raise UserError(f"{path}: [grid] names unknown setting '{key}'; use TrainConfig names, e.g. method, "
-                            "learning_rate")
+            raise UserError(
+                f"{path}: [grid] names unknown setting '{key}'; use TrainConfig names, e.g. method, "
+                "learning_rate"
+            )
         if key == "run_name":
             raise UserError(f"{path}: run_name cannot be swept; run names are made from the grid values")
         if not isinstance(values, list) or not values:
@@ -77,7 +79,9 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
 
 def run_label(values: dict[str, Any], base: TrainConfig) -> str:
     """'<method>-lr<lr>' plus '-<setting><value>' for every other swept setting."""
-    label = default_run_name(values.get("method", base.method), values.get("learning_rate", base.learning_rate))
+    label = default_run_name(
+        values.get("method", base.method), values.get("learning_rate", base.learning_rate)
+    )
     for key, value in values.items():
         if key in FIRST:
             continue
@@ -95,7 +99,9 @@ def expand(sweep: Sweep) -> list[PlannedRun]:
         values = dict(zip(keys, combo, strict=True))
         name = run_label(values, base)
         if name in seen:
-            raise UserError(f"{sweep.path}: two grid points share the run name '{name}'; remove duplicate values")
+            raise UserError(
+                f"{sweep.path}: two grid points share the run name '{name}'; remove duplicate values"
+            )
         seen.add(name)
         config = build_config(sweep.path, {**values, "run_name": name})
         runs.append(PlannedRun(name=name, overrides=values, config=config))
@@ -104,8 +110,17 @@ def expand(sweep: Sweep) -> list[PlannedRun]:
 
 def train_command(sweep: Sweep, run: PlannedRun, accelerate: bool = False) -> list[str]:
     head = ["accelerate", "launch", "-m", "refusal_probe.cli"] if accelerate else ["refusal-probe"]
-    return [*head, "train", "--config", str(sweep.path), "--out", str(sweep.out), "--run-name", run.name,
-            *to_flags(run.overrides)]
+    return [
+        *head,
+        "train",
+        "--config",
+        str(sweep.path),
+        "--out",
+        str(sweep.out),
+        "--run-name",
+        run.name,
+        *to_flags(run.overrides),
+    ]
 
 
 def status_line(sweep: Sweep, run: PlannedRun) -> str:
@@ -126,8 +141,10 @@ def run_sweep(sweep: Sweep, runs: list[PlannedRun], accelerate: bool = False) ->
             cmd = train_command(sweep, run, accelerate=True)
             code = subprocess.call(cmd)
             if code != 0:
-                raise UserError(f"run {run.name} failed (exit {code}): {shlex.join(cmd)}; fix it and re-run the "
-                                "sweep to resume")
+                raise UserError(
+                    f"run {run.name} failed (exit {code}): {shlex.join(cmd)}; fix it and re-run the "
+                    "sweep to resume"
+                )
             done.append(sweep.out / run.name)
         else:
             done.append(train(run.config, sweep.out))
