@@ -47,8 +47,15 @@ def tree(tmp_path_factory, tiny_llama) -> Path:
     full = root / "full-lr5e-05"
     _full_checkpoint(tiny_llama, full / "checkpoint-2")
     _full_checkpoint(tiny_llama, full / "checkpoint-4")
-    RunManifest(run="full-lr5e-05", method="full", base_model=str(tiny_llama), learning_rate=5e-5, total_steps=4,
-                checkpoints={2: 0.5, 4: 1.0}, complete=True).save(full)
+    RunManifest(
+        run="full-lr5e-05",
+        method="full",
+        base_model=str(tiny_llama),
+        learning_rate=5e-5,
+        total_steps=4,
+        checkpoints={2: 0.5, 4: 1.0},
+        complete=True,
+    ).save(full)
     _lora_checkpoint(tiny_llama, root / "my_lora_run" / "checkpoint-3")
     (root / "analysis").mkdir()  # outputs of an earlier analysis are not a run
     return root
@@ -57,8 +64,13 @@ def tree(tmp_path_factory, tiny_llama) -> Path:
 def test_folder_of_runs_metadata_and_sources(tree, tiny_llama):
     ckpts = discover(tree)
     keys = [c.key for c in ckpts]
-    assert keys == ["full-lr5e-05/base", "full-lr5e-05/checkpoint-2", "full-lr5e-05/checkpoint-4",
-                    "my_lora_run/base", "my_lora_run/checkpoint-3"]
+    assert keys == [
+        "full-lr5e-05/base",
+        "full-lr5e-05/checkpoint-2",
+        "full-lr5e-05/checkpoint-4",
+        "my_lora_run/base",
+        "my_lora_run/checkpoint-3",
+    ]
     full2 = ckpts[1]
     assert (full2.kind, full2.method, full2.lr, full2.step, full2.fraction) == ("full", "full", 5e-5, 2, 0.5)
     assert full2.meta_source["fraction"] == "run.json" and full2.meta_source["base"] == "run.json"
@@ -66,7 +78,10 @@ def test_folder_of_runs_metadata_and_sources(tree, tiny_llama):
     assert (base.kind, base.step, base.fraction, base.path) == ("base", 0, 0.0, tiny_llama)
     lora = ckpts[4]
     assert (lora.kind, lora.method, lora.lr, lora.step, lora.fraction) == ("adapter", "lora", None, 3, None)
-    assert lora.meta_source["method"] == "adapter_config.json" and lora.meta_source["base"] == "adapter_config.json"
+    assert (
+        lora.meta_source["method"] == "adapter_config.json"
+        and lora.meta_source["base"] == "adapter_config.json"
+    )
     assert lora.meta_source["lr"] == "" and lora.meta_source["fraction"] == ""  # left empty, not guessed
 
 
@@ -149,9 +164,15 @@ def _fake_embedded(tmp_path: Path, payload: bytes, sha: str) -> embedded.Embedde
         with zipfile.ZipFile(wheels / f"fake_part{i}-1.0-py3-none-any.whl", "w") as zf:
             zf.writestr(f"fake_part{i}/data/part{i}.bin", part)
     return embedded.EmbeddedModel(
-        name="fake", description="", wheels=(("fake-part1", "1.0"), ("fake-part2", "1.0")),
-        members=("fake_part1/data/part1.bin", "fake_part2/data/part2.bin"), gguf_name="fake.gguf",
-        size=len(payload), sha256=sha, license="", upstream="",
+        name="fake",
+        description="",
+        wheels=(("fake-part1", "1.0"), ("fake-part2", "1.0")),
+        members=("fake_part1/data/part1.bin", "fake_part2/data/part2.bin"),
+        gguf_name="fake.gguf",
+        size=len(payload),
+        sha256=sha,
+        license="",
+        upstream="",
     )
 
 
@@ -178,8 +199,12 @@ def test_4bit_on_cpu_is_dequantized_once_with_identical_weights(tiny_qwen):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     kernel = AutoModelForCausalLM.from_pretrained(str(tiny_qwen), quantization_config=quant, device_map="cpu")
     model, tok = load_model(tiny_qwen, quant=QuantSpec())
     assert "Linear4bit" in {type(m).__name__ for m in kernel.modules()}

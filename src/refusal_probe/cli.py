@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusal-probe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"refusal-probe {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(
+            f"refusal-probe {args.command}: interrupted; re-run the same command to resume", file=sys.stderr
+        )
         return 130
     except Exception as exc:  # unexpected: keep the traceback when asked
         if os.environ.get("REFUSAL_PROBE_DEBUG"):

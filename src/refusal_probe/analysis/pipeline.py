@@ -37,7 +37,9 @@ class AnalyzeSettings:
     harmless: str | None = field(default=None, metadata={"help": "harmless prompt file (default: bundled)"})
     layer: int | None = None
     position: int | None = None
-    search: str = field(default="auto", metadata={"help": "direction search: full, coarse, auto (full on CUDA)"})
+    search: str = field(
+        default="auto", metadata={"help": "direction search: full, coarse, auto (full on CUDA)"}
+    )
     separability: bool = True
     deltas: bool = True
     seed: int = DEFAULT_SEED
@@ -130,7 +132,9 @@ def base_reference(
     from refusal_probe.probe.select import DirectionResult
 
     # Weight deltas are never taken of the base against itself: toggling --no-deltas keeps its cache.
-    key = cache_key("base", model_fingerprint(base_dir), settings.key_fields(ignore=("deltas",)), quant and quant.tag)
+    key = cache_key(
+        "base", model_fingerprint(base_dir), settings.key_fields(ignore=("deltas",)), quant and quant.tag
+    )
     folder = cache / "base" / f"{safe_filename(Path(spec).name)}{'-' + quant.tag if quant else ''}-{key}"
     if (folder / "rows.json").is_file():
         return BaseReference(
@@ -159,8 +163,12 @@ def base_reference(
         progress=settings.progress,
         search=settings.resolved_search(),
         activations=(harmful, harmless),
-        sources={"harmful_train": prompts["harmful"][1], "harmless_train": prompts["harmless"][1],
-                 "harmful_val": prompts["harmful_val"][1], "harmless_val": prompts["harmless_val"][1]},
+        sources={
+            "harmful_train": prompts["harmful"][1],
+            "harmless_train": prompts["harmless"][1],
+            "harmful_val": prompts["harmful_val"][1],
+            "harmless_val": prompts["harmless_val"][1],
+        },
     )
     result.settings["model"] = spec
     rows = _internal_rows(result.directions, result, harmful, harmless, settings)
@@ -247,7 +255,14 @@ def _check_same_shape(ckpt: Checkpoint, ref: BaseReference) -> None:
 
 
 def _entry_path(cache: Path, ckpt: Checkpoint, ref: BaseReference, settings: AnalyzeSettings) -> Path:
-    key = cache_key("ckpt", model_fingerprint(ckpt.path), ref.key, settings.key_fields(), ckpt.kind, ckpt.quant and ckpt.quant.tag)
+    key = cache_key(
+        "ckpt",
+        model_fingerprint(ckpt.path),
+        ref.key,
+        settings.key_fields(),
+        ckpt.kind,
+        ckpt.quant and ckpt.quant.tag,
+    )
     return cache / "checkpoints" / safe_filename(ckpt.run) / f"{safe_filename(ckpt.name)}-{key}.json"
 
 
@@ -401,7 +416,7 @@ def assemble(root, out, ckpts, refs, settings, prompts, behaviour, elapsed) -> P
     written += tables.write_table(table, out, "checkpoints")
     y_cols = [c for c in ("refusal_rate", "chrf") if c in table.columns]
     corr = correlate.correlate(table, None, y_cols) if y_cols else pd.DataFrame()
-    per_layer = (correlate.per_layer_correlation(drift, beh) if "refusal_rate" in y_cols else None)
+    per_layer = correlate.per_layer_correlation(drift, beh) if "refusal_rate" in y_cols else None
     if len(corr):
         written += tables.write_table(corr, out, "correlations")
 
@@ -480,8 +495,10 @@ def _signatures(beh) -> dict[str, str]:
     if not len(beh) or "signature" not in beh:
         return {}
     pairs = beh.dropna(subset=["signature"]).drop_duplicates(["metric", "signature"])
-    return {f"{m}" if (pairs["metric"] == m).sum() == 1 else f"{m} ({i})": sig
-            for i, (m, sig) in enumerate(zip(pairs["metric"], pairs["signature"], strict=True))}
+    return {
+        f"{m}" if (pairs["metric"] == m).sum() == 1 else f"{m} ({i})": sig
+        for i, (m, sig) in enumerate(zip(pairs["metric"], pairs["signature"], strict=True))
+    }
 
 
 def _align_behaviour(beh, ckpts: list[Checkpoint]):

@@ -59,7 +59,9 @@ def finite(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(finite(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
+    return write_text(
+        path, json.dumps(finite(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+    )
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -88,7 +90,9 @@ def prepare_output(path: str | os.PathLike, flag: str = "--out") -> Path:
             marker.write_text("refusal-probe writes here; checkpoint discovery skips this folder\n")
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UserError(f"{flag} {path}: cannot write there ({reason}); pass {flag} DIR with a writable folder") from None
+        raise UserError(
+            f"{flag} {path}: cannot write there ({reason}); pass {flag} DIR with a writable folder"
+        ) from None
     return path
 
 
@@ -105,8 +109,10 @@ def output_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise UserError(f"{path}: another {command} run ({holder}) is writing this folder; wait for it to "
-                            "finish or pass --out DIR") from None
+            raise UserError(
+                f"{path}: another {command} run ({holder}) is writing this folder; wait for it to "
+                "finish or pass --out DIR"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

@@ -98,13 +98,22 @@ def safe_name(spec: str) -> str:
 
 def settings_hash(settings: EvalSettings, judge_signature: str, fingerprint: str) -> str:
     """The key of a finished evaluation: a summary with this hash is current and skipped on a re-run."""
-    payload = {"format": SUMMARY_FORMAT, "settings": asdict(settings), "judge": judge_signature, "model": fingerprint}
+    payload = {
+        "format": SUMMARY_FORMAT,
+        "settings": asdict(settings),
+        "judge": judge_signature,
+        "model": fingerprint,
+    }
     return cache_key(payload)
 
 
 def eval_dir_for(out: Path, ckpt) -> Path:
     if ckpt.kind == "base":
-        return out / "_base" / (safe_name(ckpt.base or str(ckpt.path)) + (f"-{ckpt.quant.tag}" if ckpt.quant else ""))
+        return (
+            out
+            / "_base"
+            / (safe_name(ckpt.base or str(ckpt.path)) + (f"-{ckpt.quant.tag}" if ckpt.quant else ""))
+        )
     return out / ckpt.run / ckpt.name
 
 
@@ -218,7 +227,9 @@ def judge_responses(
     rates: dict[str, Any] = {"refusal_rate": sum(r["refusal"] for r in records) / n if n else float("nan")}
     rates.update(label_rates([r["label"] for r in records]))
     for o in other_judges:
-        rates[f"refusal_rate_{o.name}"] = sum(r[f"refusal_{o.name}"] for r in records) / n if n else float("nan")
+        rates[f"refusal_rate_{o.name}"] = (
+            sum(r[f"refusal_{o.name}"] for r in records) / n if n else float("nan")
+        )
     return records, rates
 
 
@@ -268,11 +279,20 @@ def evaluate_checkpoint(
         if rows:
             from refusal_probe.data.translation import format_translation_prompt
 
-            prompts = [format_translation_prompt(r["src"], r["src_lang"], settings.translation_format) for r in rows]
+            prompts = [
+                format_translation_prompt(r["src"], r["src_lang"], settings.translation_format) for r in rows
+            ]
             gens = generate_detailed(model, tokenizer, prompts, stop=None, desc=f"{label} translation", **gen)
             records = [
-                {"id": r.get("id"), "lang": r["src_lang"], "source": r["src"], "reference": r["ref"],
-                 "response": g.text, "n_tokens": g.n_tokens, "finish": g.finish}
+                {
+                    "id": r.get("id"),
+                    "lang": r["src_lang"],
+                    "source": r["src"],
+                    "reference": r["ref"],
+                    "response": g.text,
+                    "n_tokens": g.n_tokens,
+                    "finish": g.finish,
+                }
                 for r, g in zip(rows, gens, strict=True)
             ]
             write_jsonl(eval_dir / "translation.jsonl", records)
@@ -309,8 +329,15 @@ def evaluate_checkpoint(
         "format": SUMMARY_FORMAT,
         "settings_hash": settings_hash(settings, judge.signature, fingerprint),
         "checkpoint": {
-            "run": ckpt.run, "name": ckpt.name, "kind": ckpt.kind, "path": str(ckpt.path), "base": ckpt.base,
-            "method": ckpt.method, "lr": ckpt.lr, "step": ckpt.step, "fraction": ckpt.fraction,
+            "run": ckpt.run,
+            "name": ckpt.name,
+            "kind": ckpt.kind,
+            "path": str(ckpt.path),
+            "base": ckpt.base,
+            "method": ckpt.method,
+            "lr": ckpt.lr,
+            "step": ckpt.step,
+            "fraction": ckpt.fraction,
             "quantized": ckpt.quant.to_json() if ckpt.quant else None,
         },
         "metrics": metrics,
@@ -318,8 +345,12 @@ def evaluate_checkpoint(
         "judge": judge.signature,
         "n": counts,
         "settings": asdict(settings),
-        "generation": {"device": device, "batch_size": batch_size, "decoding": "greedy",
-                       "chat_template": "model's own (core.template.format_prompts)"},
+        "generation": {
+            "device": device,
+            "batch_size": batch_size,
+            "decoding": "greedy",
+            "chat_template": "model's own (core.template.format_prompts)",
+        },
         **extra,
         "versions": _versions(),
         "wall_time_s": round(time.time() - t0, 2),
@@ -351,7 +382,9 @@ def find_checkpoints(spec: str, base: str | None = None) -> list[Any]:
     from refusal_probe.models.source import resolve_model_dir
 
     model_dir = resolve_model_dir(spec)
-    return [Checkpoint(safe_name(spec), model_dir, "base", spec, None, None, 0, 0.0, False, {"base": "argument"})]
+    return [
+        Checkpoint(safe_name(spec), model_dir, "base", spec, None, None, 0, 0.0, False, {"base": "argument"})
+    ]
 
 
 def default_out(spec: str) -> Path:
@@ -398,8 +431,9 @@ def run_eval(
             skipped = True
         else:
             log(f"{head}: evaluating -> {eval_dir}")
-            summary = evaluate_checkpoint(ckpt, eval_dir, settings, device=device, batch_size=batch_size,
-                                          progress=progress)
+            summary = evaluate_checkpoint(
+                ckpt, eval_dir, settings, device=device, batch_size=batch_size, progress=progress
+            )
             log(f"{head}: {format_metrics(summary['metrics'])}")
             skipped = False
         done_dirs[eval_dir] = summary

@@ -33,6 +33,7 @@ from refusal_probe.train.config import EXECUTION_ONLY, TrainConfig
 
 # ---- run folder state ----
 
+
 def run_status(run_dir: Path) -> tuple[str, Path | None]:
     """("complete", None) | ("resume", newest finished checkpoint) | ("new", None)."""
     run_dir = Path(run_dir)
@@ -56,8 +57,11 @@ def hyperparameters(config: TrainConfig) -> dict[str, Any]:
 
 def check_resumable(previous: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     """Refuse to continue a run with settings that change what it learns (execution-only ones may differ)."""
-    diffs = [k for k in sorted(set(previous) | set(current))
-             if k not in EXECUTION_ONLY and previous.get(k) != current.get(k)]
+    diffs = [
+        k
+        for k in sorted(set(previous) | set(current))
+        if k not in EXECUTION_ONLY and previous.get(k) != current.get(k)
+    ]
     if diffs:
         k = diffs[0]
         raise UserError(
@@ -67,6 +71,7 @@ def check_resumable(previous: dict[str, Any], current: dict[str, Any], run_dir: 
 
 
 # ---- hardware ----
+
 
 def resolve_hardware(config: TrainConfig) -> TrainConfig:
     """Pin device, bf16 and gradient checkpointing. On CPU both are forced off: TRL defaults them on, and with them a
@@ -102,11 +107,18 @@ def bnb_config(config: TrainConfig):
 def lora_config(config: TrainConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_modules(), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_modules(),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 # ---- model ----
+
 
 def base_revision(spec: str, base_dir: Path) -> str:
     """Hub commit / embedded sha256 where known, else sha256 over config.json and the weight files."""
@@ -116,8 +128,11 @@ def base_revision(spec: str, base_dir: Path) -> str:
     if known:
         return known
     h = hashlib.sha256()
-    for path in [base_dir / "config.json", *sorted(base_dir.glob("*.safetensors")),
-                 *sorted(base_dir.glob("*.safetensors.index.json"))]:
+    for path in [
+        base_dir / "config.json",
+        *sorted(base_dir.glob("*.safetensors")),
+        *sorted(base_dir.glob("*.safetensors.index.json")),
+    ]:
         h.update(path.name.encode())
         with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -138,11 +153,17 @@ def load_for_training(config: TrainConfig, base_dir: Path):
 
         device_map = {"": PartialState().local_process_index} if config.device == "cuda" else "cpu"
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=bnb_config(config),
-                                                         device_map=device_map, dtype=_dtype(config))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(base_dir),
+                quantization_config=bnb_config(config),
+                device_map=device_map,
+                dtype=_dtype(config),
+            )
         except ImportError as exc:
             raise UserError(f"QLoRA needs bitsandbytes ({exc}); pip install 'refusal-probe[qlora]'") from None
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
         tok = load_tokenizer(base_dir)
     model.config.use_cache = False
     return model, tok
@@ -160,26 +181,36 @@ def _upcast_trainable(model) -> None:
 
 # ---- data ----
 
+
 def pairs_kind(config: TrainConfig) -> str:
     if config.dpo_pairs != "auto":
         return config.dpo_pairs
     return "dataset" if config.train_data == "mt-pref" else "wmt"
 
 
-def training_examples(config: TrainConfig, model, tok, out_dir: Path, revision: str) -> tuple[list[dict], dict]:
+def training_examples(
+    config: TrainConfig, model, tok, out_dir: Path, revision: str
+) -> tuple[list[dict], dict]:
     """Chat examples for the trainer and the provenance to record (source, files, row hash)."""
     kind = pairs_kind(config) if config.method == "dpo" else None
-    prov: dict[str, Any] = {"source": config.train_data, "split": "train", "langs": list(config.langs),
-                            "prompt_format": config.prompt_format}
+    prov: dict[str, Any] = {
+        "source": config.train_data,
+        "split": "train",
+        "langs": list(config.langs),
+        "prompt_format": config.prompt_format,
+    }
     if kind == "wmt":
         if "de" not in config.langs:
-            raise UserError("--dpo-pairs wmt: the bundled WMT pairs are German->English only; add de to --langs "
-                            "or use --dpo-pairs on-policy")
+            raise UserError(
+                "--dpo-pairs wmt: the bundled WMT pairs are German->English only; add de to --langs "
+                "or use --dpo-pairs on-policy"
+            )
         rows = tdata.wmt_pairs(config.n_train, config.seed)
         prov.update(source="wmt22+wmt23", langs=["de"])
     else:
-        rows = tdata.translation_split(config.langs, "train", config.n_train, config.seed, config.train_data,
-                                       config.include_nl)
+        rows = tdata.translation_split(
+            config.langs, "train", config.n_train, config.seed, config.train_data, config.include_nl
+        )
     if kind == "on-policy":
         from refusal_probe.train.onpolicy import cache_path, on_policy_pairs
 
@@ -191,8 +222,9 @@ def training_examples(config: TrainConfig, model, tok, out_dir: Path, revision: 
             raise UserError("on-policy pairs: the base model reproduced every reference; nothing to prefer")
     if kind is not None:
         prov["dpo_pairs"] = kind
-    prov["files"] = tdata.source_files(config.train_data if kind != "wmt" else "wmt", config.langs,
-                                       "wmt" if kind == "wmt" else None)
+    prov["files"] = tdata.source_files(
+        config.train_data if kind != "wmt" else "wmt", config.langs, "wmt" if kind == "wmt" else None
+    )
     prov["rows"] = len(rows)
     prov["rows_sha256"] = tdata.rows_sha256(rows)
     make = tdata.dpo_example if config.method == "dpo" else tdata.sft_example
@@ -208,6 +240,7 @@ def _on_device(model, config: TrainConfig):
 
 
 # ---- trainer ----
+
 
 def _common_args(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     return dict(
@@ -242,11 +275,22 @@ def _checkpointing_arg(on: bool) -> dict[str, bool]:
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing": on} if "activation_checkpointing" in names else {"gradient_checkpointing": on}
+    return (
+        {"activation_checkpointing": on}
+        if "activation_checkpointing" in names
+        else {"gradient_checkpointing": on}
+    )
 
 
-def build_trainer(config: TrainConfig, model, tok, examples: list[dict], run_dir: Path, callbacks: list,
-                  base_dir: Path | None = None):
+def build_trainer(
+    config: TrainConfig,
+    model,
+    tok,
+    examples: list[dict],
+    run_dir: Path,
+    callbacks: list,
+    base_dir: Path | None = None,
+):
     """An SFTTrainer (full/lora/qlora) or DPOTrainer (dpo) ready to train; nothing is trained here."""
     from datasets import Dataset
 
@@ -256,25 +300,47 @@ def build_trainer(config: TrainConfig, model, tok, examples: list[dict], run_dir
         if config.method == "dpo":
             from trl import DPOConfig, DPOTrainer
 
-            args = DPOConfig(**_common_args(config, run_dir), beta=config.dpo_beta, loss_type=[config.dpo_loss])
+            args = DPOConfig(
+                **_common_args(config, run_dir), beta=config.dpo_beta, loss_type=[config.dpo_loss]
+            )
             ref_model = None
             if peft_config is None:  # full-parameter DPO: a frozen copy of the base is the reference
                 from refusal_probe.models.source import load_model
 
-                ref_model, _ = load_model(base_dir or model.config._name_or_path, dtype=_dtype(config), device="cpu")
-            trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-                                 processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+                ref_model, _ = load_model(
+                    base_dir or model.config._name_or_path, dtype=_dtype(config), device="cpu"
+                )
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tok,
+                peft_config=peft_config,
+                callbacks=callbacks,
+            )
         else:
             from trl import SFTConfig, SFTTrainer
 
-            args = SFTConfig(**_common_args(config, run_dir), completion_only_loss=config.completion_only_loss,
-                             packing=False)
-            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                                 peft_config=peft_config, callbacks=callbacks)
+            args = SFTConfig(
+                **_common_args(config, run_dir),
+                completion_only_loss=config.completion_only_loss,
+                packing=False,
+            )
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tok,
+                peft_config=peft_config,
+                callbacks=callbacks,
+            )
     except ValueError as exc:
         if "Target module" in str(exc) or "target_modules" in str(exc):
-            raise UserError(f"--lora-targets {','.join(config.lora_targets)}: {str(exc).splitlines()[0][:200]}; "
-                            "name modules this model has (e.g. q_proj,v_proj) or a preset") from None
+            raise UserError(
+                f"--lora-targets {','.join(config.lora_targets)}: {str(exc).splitlines()[0][:200]}; "
+                "name modules this model has (e.g. q_proj,v_proj) or a preset"
+            ) from None
         raise
     if config.method == "qlora":
         _upcast_trainable(trainer.model)
@@ -287,10 +353,16 @@ def _report_length_cuts(dataset, n_examples: int, max_length: int) -> None:
     """Say how many examples TRL cut at max_length or dropped (prompt alone too long): silent loss of data misleads."""
     dropped = n_examples - len(dataset)
     cols = [c for c in ("input_ids", "chosen_ids", "rejected_ids", "prompt_ids") if c in dataset.column_names]
-    cut = sum(any(len(row[c]) >= max_length for c in cols) for row in dataset.select_columns(cols)) if cols else 0
+    cut = (
+        sum(any(len(row[c]) >= max_length for c in cols) for row in dataset.select_columns(cols))
+        if cols
+        else 0
+    )
     if dropped or cut:
-        print(f"note: of {n_examples} examples, {dropped} dropped (prompt alone >= max_length) and {cut} cut at "
-              f"max_length={max_length} tokens; raise --max-length to keep them whole")
+        print(
+            f"note: of {n_examples} examples, {dropped} dropped (prompt alone >= max_length) and {cut} cut at "
+            f"max_length={max_length} tokens; raise --max-length to keep them whole"
+        )
 
 
 def planned_steps(n_batches: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
@@ -312,7 +384,16 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("refusal-probe", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes"):
+    for name in (
+        "refusal-probe",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -321,6 +402,7 @@ def library_versions() -> dict[str, str]:
 
 
 # ---- the entry point ----
+
 
 def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = None) -> Path:
     """Train one run into ``<out_dir>/<run name>/``; return that folder. Skips a complete run, resumes a partial one.
@@ -345,16 +427,30 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
 
     base_dir = resolve_model_dir(config.model)
     if is_adapter_dir(base_dir):
-        raise UserError(f"{config.model}: is a PEFT adapter; train from full weights (merge the adapter first)")
+        raise UserError(
+            f"{config.model}: is a PEFT adapter; train from full weights (merge the adapter first)"
+        )
     revision = base_revision(config.model, base_dir)
     model, tok = load_for_training(config, base_dir)
     examples, provenance = training_examples(config, model, tok, out_dir, revision)
 
-    manifest = RunManifest(run=config.name, method=config.method, base_model=config.model,
-                           base_model_revision=revision, learning_rate=config.learning_rate, hyperparameters=hp,
-                           data={"train": provenance}, versions=library_versions())
-    writer = ManifestWriter(manifest, run_dir, config.checkpoint_fractions,
-                            previous_wall_s=(previous.wall_time_s or 0.0) if previous else 0.0, started=started)
+    manifest = RunManifest(
+        run=config.name,
+        method=config.method,
+        base_model=config.model,
+        base_model_revision=revision,
+        learning_rate=config.learning_rate,
+        hyperparameters=hp,
+        data={"train": provenance},
+        versions=library_versions(),
+    )
+    writer = ManifestWriter(
+        manifest,
+        run_dir,
+        config.checkpoint_fractions,
+        previous_wall_s=(previous.wall_time_s or 0.0) if previous else 0.0,
+        started=started,
+    )
     ours = [FractionCheckpoints(config.checkpoint_fractions), writer]
     if config.keep_optimizer == "resume":
         ours.append(PruneOptimizerState(run_dir))
