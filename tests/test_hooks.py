@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from refusal_probe.core.errors import UserError
-from refusal_probe.models.source import decoder_layers, load_model
+from refusal_probe.models.handle import decoder_layers
+from refusal_probe.models.source import load_model
 from refusal_probe.probe.hooks import ablate, add, project_out, unit_vector
 
 

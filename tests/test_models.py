@@ -226,3 +226,17 @@ def test_4bit_on_cpu_is_dequantized_once_with_identical_weights(tiny_qwen):
     off_kernel = (got - want).abs().max()
     assert off_kernel < 2e-2
     assert off_full > 5 * off_kernel  # it really is the quantized model
+
+
+def test_model_handle_knows_blocks_writers_and_special_ids(tiny_llama, tiny_qwen):
+    for path in (tiny_llama, tiny_qwen):
+        handle = load_model(path)
+        model, tok = handle  # unpacks where only the two are needed
+        assert model is handle.model and tok is handle.tokenizer
+        assert handle.n_layers == model.config.num_hidden_layers == 4
+        assert handle.hidden_size == model.config.hidden_size
+        writers = handle.residual_writers()
+        assert sorted(writers) == [(i, m) for i in range(4) for m in ("mlp.down_proj", "self_attn.o_proj")]
+        assert all(w.out_features == handle.hidden_size for w in writers.values())
+        assert handle.pad_id == tok.pad_token_id and tok.eos_token_id in handle.eos_ids
+        assert handle.quant is None and handle.path == path

@@ -14,6 +14,7 @@ from typing import Any
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.io import read_json
 from refusal_probe.models import embedded
+from refusal_probe.models.handle import ModelHandle
 from refusal_probe.models.quant import QuantSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -191,7 +192,8 @@ def load_model(
     device: str = "cpu",
     quant: QuantSpec | None = None,
 ):
-    """(model, tokenizer) for full weights or a PEFT adapter over its base; eval mode, left-padding tokenizer."""
+    """The handle of full weights or a PEFT adapter over its base (unpacks as ``model, tokenizer``); eval mode,
+    left-padding tokenizer, NaN-free weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -227,7 +229,7 @@ def load_model(
     model.eval()
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return ModelHandle(model, tokenizer, path, quant)
 
 
 def verify_safetensors(path: Path) -> None:
@@ -284,45 +286,3 @@ def _from_pretrained(cls, path: Path, dtype, device: str, quant: QuantSpec | Non
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
-def hidden_size(model):
-    """The residual-stream width from the model config (also through PEFT and multimodal wrappers)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(inner, "config", None)
-    config = getattr(config, "text_config", None) or config
-    size = getattr(config, "hidden_size", None)
-    return int(size) if size is not None else None
-
-
-def model_device(model):
-    """The device of the model's first parameter (where inputs must go)."""
-    return next(model.parameters()).device
-
-
-def decoder_layers(model):
-    """The ModuleList of transformer blocks, through PEFT wrappers and across common architectures."""
-    import torch
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in (
-        "model.layers",
-        "model.language_model.layers",
-        "transformer.h",
-        "gpt_neox.layers",
-        "model.decoder.layers",
-    ):
-        obj = inner
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    n = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
-    for module in inner.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise UserError(
-        f"cannot find the transformer blocks of {type(inner).__name__}; this architecture is not supported"
-    )

@@ -25,7 +25,7 @@ from refusal_probe.core.batching import (
 )
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.template import tokenize_prompts
-from refusal_probe.models.source import decoder_layers, hidden_size
+from refusal_probe.models.handle import decoder_layers, hidden_size
 
 __all__ = [
     "Activations",

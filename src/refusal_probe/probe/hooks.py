@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from refusal_probe.core.errors import UserError
-from refusal_probe.models.source import decoder_layers, hidden_size
+from refusal_probe.models.handle import decoder_layers, hidden_size
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")

@@ -37,27 +37,9 @@ import torch
 from torch import Tensor
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.models.handle import RESIDUAL_WRITERS
 from refusal_probe.probe import measures as pm
 
-# Module paths (inside a block) whose output is added to the residual stream, across common architectures:
-# llama/qwen2/mistral/gemma/phi3, gpt2 (Conv1D), gpt-neox, gpt-j, opt, phi-1/2, falcon/bloom.
-RESIDUAL_WRITERS: frozenset[str] = frozenset(
-    {
-        "self_attn.o_proj",
-        "mlp.down_proj",
-        "attn.c_proj",
-        "mlp.c_proj",
-        "attention.dense",
-        "mlp.dense_4h_to_h",
-        "attn.out_proj",
-        "mlp.fc_out",
-        "self_attn.out_proj",
-        "fc2",
-        "self_attn.dense",
-        "mlp.fc2",
-        "self_attention.dense",
-    }
-)
 # Architectures whose linear weights are stored [d_in, d_out] (transformers' Conv1D), so d_model is axis 1.
 CONV1D_MODEL_TYPES: frozenset[str] = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 # Embedding / unembedding tensors reported as layer -1 rows.
