@@ -251,3 +251,99 @@ def test_rows_without_a_step_join_their_behaviour(plain_tree, tmp_path):
     joined = pd.read_csv(out / "checkpoints.csv")
     row = joined[joined["checkpoint"] == "my-adapter"]
     assert len(row) == 1 and row["refusal_rate"].notna().all()
+
+
+def _run_with_manifest(root: Path, tiny: Path, name: str, base: str, steps=(1, 2)) -> Path:
+    from refusal_probe.models.manifest import RunManifest
+
+    run = root / name
+    for step in steps:
+        shutil.copytree(tiny, run / f"checkpoint-{step}")
+    RunManifest(
+        run=name,
+        method="full",
+        base_model=base,
+        learning_rate=1e-4,
+        total_steps=max(steps),
+        checkpoints={s: s / max(steps) for s in steps},
+        complete=True,
+    ).save(run)
+    return run
+
+
+def test_relative_paths_in_run_json_and_adapter_config_resolve_against_their_folder(
+    tmp_path, tiny_llama, monkeypatch
+):
+    import json
+
+    shutil.copytree(tiny_llama, tmp_path / "models" / "base")
+    run = _run_with_manifest(tmp_path / "runs", tiny_llama, "full-lr1e-4", "../../models/base")
+    monkeypatch.chdir("/")  # analysed from anywhere
+    found = discover(str(run))
+    assert found[0].path == (tmp_path / "models" / "base").resolve()
+    adapter = tmp_path / "runs" / "lora" / "checkpoint-1"
+    shutil.copytree(plain_adapter(tmp_path / "src-adapter", tiny_llama), adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "../../../models/base"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    assert discover(str(adapter.parent))[0].path == (tmp_path / "models" / "base").resolve()
+
+
+def plain_adapter(path: Path, tiny: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(path)
+    return path
+
+
+def test_a_lone_checkpoint_is_never_a_base(tmp_path, tiny_llama):
+    run = _run_with_manifest(tmp_path, tiny_llama, "full-lr1e-4", str(tiny_llama))
+    found = discover(str(run / "checkpoint-2"))  # takes its base from the run's run.json
+    assert [(c.kind, c.step) for c in found] == [("base", 0), ("full", 2)]
+    assert found[0].path == tiny_llama and found[1].run == "full-lr1e-4"
+    lone = tmp_path / "elsewhere" / "checkpoint-7"
+    shutil.copytree(tiny_llama, lone)
+    with pytest.raises(Exception, match="pass --base"):
+        discover(str(lone))
+    plain = discover(str(tiny_llama))  # a plain model folder: on its own, and said so
+    assert [c.kind for c in plain] == ["base"] and "--base" in plain.notes[0]
+
+
+def test_default_outputs_never_collide_and_outputs_are_never_inputs(tmp_path, tiny_llama):
+    from refusal_probe.core.io import prepare_output
+    from refusal_probe.models.tree import default_output
+
+    a = _run_with_manifest(tmp_path / "runs", tiny_llama, "a", str(tiny_llama))
+    b = _run_with_manifest(tmp_path / "runs", tiny_llama, "b", str(tiny_llama))
+    shutil.copytree(tiny_llama, tmp_path / "models" / "m1")
+    shutil.copytree(tiny_llama, tmp_path / "models" / "m2")
+    outs = {
+        default_output(str(p), "analysis")
+        for p in (a, b, tmp_path / "models" / "m1", tmp_path / "models" / "m2")
+    }
+    assert len(outs) == 4
+    assert default_output(str(a), "analysis") == a / "analysis"
+    assert default_output(str(tmp_path / "models" / "m1"), "eval") == tmp_path / "models" / "m1-eval"
+    # an output folder beside the runs is never read as a run
+    prepare_output(tmp_path / "runs" / "my-results")
+    (tmp_path / "runs" / "my-results" / "checkpoint-1").mkdir()
+    tree = discover(str(tmp_path / "runs"))
+    assert {c.run for c in tree} == {"a", "b"} and not tree.skipped
+    with pytest.raises(Exception, match="inside checkpoint"):
+        tree.check_output(a / "checkpoint-1" / "out")
+
+
+def test_run_name_from_run_json_is_a_safe_path_component(tmp_path, tiny_llama):
+    run = _run_with_manifest(tmp_path / "runs", tiny_llama, "x", str(tiny_llama))
+    import json
+
+    data = json.loads((run / "run.json").read_text())
+    for evil in ("../../escape", "/abs/path", "..", "a/../../b"):
+        data["run"] = evil
+        (run / "run.json").write_text(json.dumps(data))
+        names = {c.run for c in discover(str(run))}
+        assert len(names) == 1
+        name = names.pop()
+        assert "/" not in name and name not in ("", ".", "..") and not name.startswith(".")
