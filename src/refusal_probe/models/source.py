@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.core.hashing import sha256_file
 from refusal_probe.core.io import read_json
 from refusal_probe.models import embedded
 from refusal_probe.models.handle import ModelHandle
@@ -95,7 +96,7 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
 
 
 def _gguf_dir(path: Path) -> Path:
-    digest = embedded.sha256_file(path)
+    digest = sha256_file(path)
     out = embedded.cache_root() / "models" / f"gguf-{path.stem}-{digest[:12]}"
     if not (out / embedded.SOURCE_FILE).is_file():
         embedded.convert_gguf(path, out, {"sha256": digest})
