@@ -39,7 +39,7 @@ def opt(default: Any, help: str, choices: Sequence[Any] | None = None, **kw: Any
     if choices:
         meta["choices"] = tuple(choices)
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+        return field(default_factory=functools.partial(list, default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
@@ -177,14 +177,20 @@ class Settings:
         return "\n".join(lines) + "\n"
 
 
-@functools.cache
+_FIELDS: dict[type, dict[str, dataclasses.Field]] = {}
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    if cls not in _FIELDS:
+        _FIELDS[cls] = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    return _FIELDS[cls]
 
 
-@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _scalar(typ: Any, raw: Any) -> Any:
@@ -231,18 +237,23 @@ def toml_value(value: Any) -> str:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file; a bad one is one UserError naming the file and the line (binary, not UTF-8, invalid TOML)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass an existing .toml file")
+    data = path.read_bytes()
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
-    except UnicodeDecodeError:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
         raise UserError(
-            f"{path}: not valid TOML (not UTF-8 text: a binary file?); pass a .toml text file"
+            f"{path}: not valid TOML (line {line}: not UTF-8 text, a binary file?); pass a .toml text file"
         ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        where = str(exc).replace("at end of document", f"at end of document, line {text.count(chr(10)) + 1}")
+        raise UserError(f"{path}: not valid TOML ({where}); fix the file") from None
 
 
 def cli_values(args: argparse.Namespace) -> dict[str, Any]:
