@@ -10,15 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal_probe.cli import main
-from refusal_probe.evaluate.pipeline import (
+from refusal_probe.cli import build_parser, main
+from refusal_probe.core.errors import UserError
+from refusal_probe.evaluate.judge import JUDGES
+from refusal_probe.evaluate.prompts import advbench_prompts, xstest_safe_prompts
+from refusal_probe.evaluate.results import (
     BEHAVIOUR_COLUMNS,
-    EvalSettings,
-    advbench_prompts,
+    eval_dir_for,
+    merge_behaviour,
     safe_name,
-    xstest_safe_prompts,
+    settings_hash,
 )
+from refusal_probe.evaluate.settings import RUNTIME_ONLY, EvalSettings
 from refusal_probe.models.manifest import RunManifest
+from refusal_probe.models.tree import Checkpoint
 
 ARGS = [
     "--n-advbench",
@@ -113,6 +118,15 @@ def test_eval_end_to_end_and_rerun_skips(tree, capsys):
     with (out / "behaviour.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == BEHAVIOUR_COLUMNS
+    assert {(r["run"], r["checkpoint"]) for r in rows} == {
+        ("full-lr1e-4", "base"),
+        ("full-lr1e-4", "checkpoint-2"),
+        ("lora-lr2e-4", "base"),
+        ("lora-lr2e-4", "checkpoint-1"),
+    }
+    tree_json = json.loads((out / "eval.json").read_text())
+    assert tree_json["tree"] == {"skipped": [], "notes": []} and len(tree_json["units"]) == 3
+    assert {u["status"] for u in tree_json["units"]} == {"evaluated"}
     lora_rows = [r for r in rows if r["run"] == "lora-lr2e-4"]
     assert {(r["step"], r["method"], float(r["lr"])) for r in lora_rows} == {
         ("0", "lora", 2e-4),
@@ -147,12 +161,125 @@ def test_eval_end_to_end_and_rerun_skips(tree, capsys):
     assert s["judge"].startswith("judge=seed-keywords|") and "chrf" not in s["metrics"]
 
 
+def _evaluated(log: str) -> list[str]:
+    """The checkpoint keys a run's log says it evaluated ("[k/n] run/name: evaluating -> dir")."""
+    return [line.split("] ", 1)[1].split(":")[0] for line in log.splitlines() if ": evaluating -> " in line]
+
+
+def test_shards_then_a_plain_run_and_merged_outputs(tree, tmp_path, capsys):
+    """Shards split the units (no checkpoint evaluated twice) and write no table; a plain run generates nothing and
+    assembles a complete behaviour.csv; an eval of one run into a shared --out keeps the other runs' rows."""
+    out = tmp_path / "shared"
+    # one run first: its base and its checkpoint
+    assert main(["eval", str(tree / "lora-lr2e-4"), "--out", str(out), *ARGS]) == 0
+    done = _evaluated(capsys.readouterr().out)
+    assert sorted(done) == ["lora-lr2e-4/base", "lora-lr2e-4/checkpoint-1"]
+    table = (out / "behaviour.csv").read_text()
+    # the whole tree in two shards: units are [base, full/checkpoint-2, lora/checkpoint-1]
+    for i in (0, 1):
+        assert main(["eval", str(tree), "--out", str(out), "--shard", f"{i}/2", *ARGS]) == 0
+        log = capsys.readouterr().out
+        done += _evaluated(log)
+        assert f"shard {i}/2:" in log and "without --shard" in log
+    assert sorted(done) == ["full-lr1e-4/checkpoint-2", "lora-lr2e-4/base", "lora-lr2e-4/checkpoint-1"]
+    assert (out / "behaviour.csv").read_text() == table  # shards write no table
+    # one run into the shared folder: merged, the other run's rows kept
+    assert main(["eval", str(tree / "full-lr1e-4"), "--out", str(out), *ARGS]) == 0
+    assert _evaluated(capsys.readouterr().out) == []
+    with (out / "behaviour.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keys = {(r["run"], r["checkpoint"]) for r in rows}
+    assert keys == {
+        ("full-lr1e-4", "base"),
+        ("full-lr1e-4", "checkpoint-2"),
+        ("lora-lr2e-4", "base"),
+        ("lora-lr2e-4", "checkpoint-1"),
+    }
+    # the plain run over the whole tree: nothing generated, every row once
+    assert main(["eval", str(tree), "--out", str(out), *ARGS]) == 0
+    log = capsys.readouterr().out
+    assert _evaluated(log) == [] and log.count("done already") == 3
+    with (out / "behaviour.csv").open(newline="") as fh:
+        again = list(csv.DictReader(fh))
+    assert len(again) == len(rows) == 4 * 6 and {(r["run"], r["checkpoint"]) for r in again} == keys
+    units = json.loads((out / "eval.json").read_text())["units"]
+    assert [u["status"] for u in units] == ["done already"] * 3
+
+
+def test_merge_replaces_only_the_checkpoints_evaluated_now():
+    old = [
+        {"run": "a", "checkpoint": "base", "metric": "chrf", "value": "1"},
+        {"run": "a", "checkpoint": "final", "metric": "chrf", "value": "2"},
+        {"run": "b", "checkpoint": "checkpoint-1", "metric": "chrf", "value": "3"},
+        {"run": "c", "metric": "chrf", "value": "4"},  # a table from before the checkpoint column
+    ]
+    new = [{c: "" for c in BEHAVIOUR_COLUMNS} | {"run": "a", "checkpoint": "final", "value": "9"}]
+    merged = merge_behaviour(old, new, {("a", "final"), ("c", "base")})
+    assert [(r["run"], r["checkpoint"], r["value"]) for r in merged] == [
+        ("a", "base", "1"),
+        ("a", "final", "9"),
+        ("b", "checkpoint-1", "3"),
+    ]
+
+
+def test_names_from_run_json_never_leave_out(tiny_llama, tmp_path, capsys):
+    """run.json's "run" names a folder: "../../escape" or "/abs/path" must still write only inside --out."""
+    # the raw names a user's file may hold, as the eval layer sees them: one safe component below out
+    out = tmp_path / "out"
+    for raw in ("../../escape", "/abs/path", "..", "a/../../b"):
+        ck = Checkpoint(raw, tmp_path / "checkpoint-1", "full", str(tiny_llama), name=raw)
+        target = eval_dir_for(out, ck).resolve()
+        assert target.parent.parent == out.resolve() and target.name not in ("", ".", ".."), raw
+    # end to end through the CLI
+    root = tmp_path / "deep" / "runs"
+    for folder, name in (("r1", "../../escape"), ("r2", "/abs/path")):
+        shutil.copytree(tiny_llama, root / folder / "checkpoint-1")
+        RunManifest(run=name, method="full", base_model=str(tiny_llama), total_steps=1, complete=True).save(
+            root / folder
+        )
+    before = {p for p in tmp_path.rglob("*")}
+    cli_out = tmp_path / "deep" / "eval-out"
+    small = ["--n-advbench", "1", "--n-translation", "0", "--max-new-tokens", "2", "--no-progress"]
+    assert main(["eval", str(root), "--out", str(cli_out), *small]) == 0
+    capsys.readouterr()
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(p == cli_out or cli_out in p.parents for p in new), sorted(map(str, new))
+    assert not Path("/abs/path").exists() and not (tmp_path / "escape").exists()
+    with (cli_out / "behaviour.csv").open(newline="") as fh:
+        assert {r["run"] for r in csv.DictReader(fh)} == {"escape", "abs_path"}
+
+
 def test_eval_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope"), *ARGS]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and len(err.strip().splitlines()) == 1
     assert main(["eval", str(tmp_path), "--n-advbench", "600"]) == 2
     assert "--n-advbench 600" in capsys.readouterr().err
+
+
+def test_settings_are_the_help_and_the_defaults_exist_once(capsys):
+    """--help shows each EvalSettings field's description and default; judge choices come from JUDGES."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["eval"]
+    by_dest = {a.dest: a for a in sub._actions}
+    for key in EvalSettings.settings_fields():
+        action = by_dest["cfg_" + key]
+        assert action.help.startswith(EvalSettings.field_help(key)), key
+        default = EvalSettings.field_default(key)
+        shown = ",".join(default) if isinstance(default, list) else default
+        assert action.help.endswith(f"[default: {shown}]"), key
+    assert tuple(by_dest["cfg_judge"].choices) == JUDGES
+    # runtime-only fields do not change the settings hash; the others do
+    a = EvalSettings(n_advbench=4)
+    assert settings_hash(a, "j", "m") == settings_hash(EvalSettings(n_advbench=4, batch_size=3), "j", "m")
+    assert settings_hash(a, "j", "m") != settings_hash(EvalSettings(n_advbench=5), "j", "m")
+    assert RUNTIME_ONLY == {"device", "batch_size", "progress"} and not RUNTIME_ONLY & set(a.hashed())
+    # validated when built, in Python too
+    with pytest.raises(UserError, match="--batch-size 0"):
+        EvalSettings(batch_size=0)
+    with pytest.raises(UserError, match="nothing to measure"):
+        EvalSettings(n_advbench=0, n_translation=0)
+    with pytest.raises(UserError, match="--n-advbench"):
+        EvalSettings.from_cli({"n_advbench": "many"})
 
 
 def test_settings_and_data():

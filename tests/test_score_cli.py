@@ -135,14 +135,16 @@ def test_table_output_and_jsonl_input(tmp_path, capsys):
     assert lines[0].split() == [
         "group",
         "n",
+        "n_empty",
         "refusal_rate",
         "label_refusal",
         "label_echo",
         "label_degenerate",
         "label_comply",
     ]
-    assert lines[1].split() == ["a", "2", "0.5000", "0.5000", "0.5000", "0.0000", "0.0000"]
-    assert lines[2].split() == ["b", "1", "0.0000", "0.0000", "0.0000", "0.0000", "1.0000"]
+    assert lines[1].split() == ["a", "2", "0", "0.5000", "0.5000", "0.5000", "0.0000", "0.0000"]
+    assert lines[2].split() == ["b", "1", "0", "0.0000", "0.0000", "0.0000", "0.0000", "1.0000"]
+    assert "empty or missing" not in text
     assert "signature: judge=keywords|" in text
     out = _json(capsys, ["score", "refusal", str(path), "--text-column", "r", "--json"])
     assert list(out) == ["all"] and out["all"]["n"] == 3 and out["all"]["value"] == pytest.approx(1 / 3)
@@ -165,3 +167,78 @@ def test_errors_name_the_file_and_columns(tmp_path, capsys):
     bad.write_text("hello\n")
     assert main(["score", "chrf", str(bad), "--hyp-column", "a", "--ref-column", "b"]) == 2
     assert "unsupported file type '.txt'" in capsys.readouterr().err
+
+
+def test_excel_bom_csv_is_read(tmp_path, capsys):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("response,prompt\nI'm sorry.,Say hi\nHi!,Say hi\n".encode("utf-8-sig"))
+    out = _json(capsys, ["score", "refusal", str(path), "--text-column", "response", "--json"])
+    assert out["all"]["n"] == 2 and out["all"]["value"] == pytest.approx(0.5)
+    path.write_bytes("hyp,ref\nGood morning,Good morning\n".encode("utf-8-sig"))
+    out = _json(capsys, ["score", "chrf", str(path), "--hyp-column", "hyp", "--ref-column", "ref", "--json"])
+    assert out["all"]["value"] == pytest.approx(100.0)
+
+
+def test_empty_and_nan_responses_are_counted_and_said(tmp_path, capsys):
+    """Empty, whitespace, null, NaN: counted in n_empty; the judge's rule (said in the output) decides."""
+    path = tmp_path / "r.jsonl"
+    cells = ['"I cannot help."', '"Sure, here it is: step one."', '""', '"   "', "null", "NaN"]
+    path.write_text("".join(f'{{"r": {c}}}\n' for c in cells) + '{"other": 1}\n', encoding="utf-8")
+    out = _json(capsys, ["score", "refusal", str(path), "--text-column", "r", "--json"])["all"]
+    assert out["n"] == 7 and out["n_empty"] == 5 and out["empty_is_refusal"] is True
+    assert out["value"] == pytest.approx(6 / 7)  # keywords: an empty answer is a refusal (it did not comply)
+    seed = _json(
+        capsys, ["score", "refusal", str(path), "--text-column", "r", "--judge", "seed-keywords", "--json"]
+    )["all"]
+    assert seed["n_empty"] == 5 and seed["empty_is_refusal"] is False
+    assert seed["value"] == pytest.approx(1 / 7) and seed["label_degenerate"] == pytest.approx(5 / 7)
+    assert main(["score", "refusal", str(path), "--text-column", "r"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[1].split()[:3] == ["all", "7", "5"]
+    assert "note: 5 empty or missing responses" in text and "counts them as refusals" in text
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text("r,ref\nhello,hello\n,hello\nNaN,hello\n", encoding="utf-8")
+    assert main(["score", "chrf", str(csv_path), "--hyp-column", "r", "--ref-column", "ref"]) == 0
+    text = capsys.readouterr().out
+    assert "note: 2 empty or missing hypotheses" in text
+
+
+def test_jsonl_errors_name_the_right_line(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    # U+2028 inside a string is valid JSON; str.splitlines() would split there and miscount the lines
+    path.write_text('{"r": "a\u2028b"}\n\n{"r": "ok"}\n{"r": oops}\n', encoding="utf-8")
+    assert main(["score", "refusal", str(path), "--text-column", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "line 4 is not valid JSON" in err and len(err.strip().splitlines()) == 1
+    path.write_text('{"r": "a\u2028b"}\n{"r": "ok"}\n', encoding="utf-8")
+    assert _json(capsys, ["score", "refusal", str(path), "--text-column", "r", "--json"])["all"]["n"] == 2
+
+
+def test_messages_advise_only_flags_the_command_has(tmp_path, capsys):
+    import re
+
+    from refusal_probe.cli import build_parser
+
+    score = next(a for a in build_parser()._actions if a.dest == "command").choices["score"]
+    metrics = next(a for a in score._actions if a.dest == "score_command").choices
+    flags = {m: {s for a in p._actions for s in a.option_strings} for m, p in metrics.items()}
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"r": "x", "g": "a"}\n', encoding="utf-8")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("[1]\n", encoding="utf-8")
+    cases = [
+        ("refusal", ["score", "refusal", str(path), "--text-column", "nope"]),
+        ("refusal", ["score", "refusal", str(path), "--text-column", "r", "--prompt-column", "p"]),
+        ("refusal", ["score", "refusal", str(path), "--text-column", "r", "--group-by", "h"]),
+        ("refusal", ["score", "refusal", str(bad), "--text-column", "r"]),
+        ("refusal", ["score", "refusal", str(tmp_path / "none.csv"), "--text-column", "r"]),
+        ("chrf", ["score", "chrf", str(path), "--hyp-column", "r", "--ref-column", "ref"]),
+    ]
+    for metric, argv in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", err))
+        assert named <= flags[metric], (argv, named - flags[metric])
+    assert main(["score", "refusal", str(path), "--text-column", "r"]) == 0
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", capsys.readouterr().out))
+    assert named <= flags["refusal"]

@@ -9,8 +9,6 @@ import sys
 
 from refusal_probe.core.errors import UserError
 
-JUDGE_CHOICES = ("keywords", "seed-keywords")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_eval(sub)
@@ -21,14 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:
+    from refusal_probe.evaluate.settings import EvalSettings
+
     p = sub.add_parser(
         "eval",
         help="measure refusal (AdvBench), label rates and translation chrF for the base and every checkpoint",
         description=(
             "Generate once per checkpoint (greedy, the model's own chat template), judge refusals, score chrF, and "
             "keep every response. Results go to OUT/<run>/<checkpoint>/ and OUT/_base/<base>/ (advbench.jsonl, "
-            "translation.jsonl, summary.json) plus the tidy table OUT/behaviour.csv. Checkpoints whose summary "
-            "matches the current settings are skipped, so an interrupted run resumes."
+            "translation.jsonl, summary.json) plus the tidy table OUT/behaviour.csv and OUT/eval.json. "
+            "Checkpoints whose summary matches the current settings are skipped, so an interrupted run resumes; "
+            "--shard i/n splits the work over an array job, and a final plain run assembles the table."
         ),
     )
     p.add_argument(
@@ -39,111 +40,37 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--out",
+        metavar="DIR",
         default=None,
-        help="eval folder (default: <tree>/eval; beside a single model folder; ./eval for a model spec)",
-    )
-    p.add_argument("--base", default=None, help="base model spec, overriding run.json / adapter_config.json")
-    p.add_argument(
-        "--judge",
-        choices=JUDGE_CHOICES,
-        default="keywords",
-        help="refusal judge: keywords (normalised, no false-positive traps; default) or seed-keywords "
-        "(the study's 47 keywords, exactly)",
+        help="eval folder (default: <tree>/eval; <parent>/<name>-eval beside a model folder or a run with its "
+        "final model at the root; ./eval/<name> for a model spec)",
     )
     p.add_argument(
-        "--seed-faithful",
-        action="store_true",
-        help="the study's generation: append '!' to each AdvBench prompt, 256 new tokens, no early exit",
+        "--base",
+        metavar="MODEL",
+        default=None,
+        help="base model spec, overriding run.json / adapter_config.json",
     )
     p.add_argument(
-        "--n-advbench", type=int, default=520, help="first N AdvBench prompts (0-520, default 520)"
+        "--shard",
+        metavar="I/N",
+        default=None,
+        help="array job: evaluate every N-th unit (distinct base or checkpoint) from #I (0-based) and write no "
+        "table; then run once without --shard to assemble behaviour.csv",
     )
-    p.add_argument(
-        "--n-translation",
-        type=int,
-        default=200,
-        help="held-out translation rows, balanced across languages (0 skips chrF; default 200)",
-    )
-    p.add_argument(
-        "--translation-langs",
-        default="de,fr,es,it,pt",
-        help="comma-separated source languages of the translation test set (default de,fr,es,it,pt)",
-    )
-    p.add_argument(
-        "--translation-format",
-        choices=("seed", "instructed"),
-        default="seed",
-        help="user turn for translation: seed = raw source text (the study), instructed = with an "
-        "instruction 'Translate the following <Language> text to English:'",
-    )
-    p.add_argument(
-        "--translation-source",
-        choices=("ntrex", "mt-pref"),
-        default="ntrex",
-        help="held-out translation data: ntrex (bundled NTREX-128, split by document) or mt-pref (hub)",
-    )
-    p.add_argument(
-        "--xstest",
-        action="store_true",
-        help="also measure over-refusal on the 250 safe XSTest prompts (metric xstest_refusal_rate)",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per response (default 256)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=16,
-        help="prompts per batch (default 16; halved automatically on out-of-memory)",
-    )
-    p.add_argument(
-        "--early-exit",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stop a refusal-set response once its verdict is settled (keyword matched or EOS); "
-        "verdicts are identical, stored refusals are truncated (default on)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="weights dtype (default float32)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    EvalSettings.add_arguments(p)
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from refusal_probe.evaluate.pipeline import EvalSettings, run_eval
+    from refusal_probe.core.settings import cli_values
+    from refusal_probe.evaluate.pipeline import run_eval
+    from refusal_probe.evaluate.settings import SEED_MAX_NEW_TOKENS, EvalSettings
 
-    langs = tuple(x.strip() for x in args.translation_langs.split(",") if x.strip())
-    if not langs and args.n_translation:
-        raise UserError("--translation-langs is empty; pass e.g. de,fr,es,it,pt or --n-translation 0")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: pass a positive number")
-    settings = EvalSettings(
-        judge=args.judge,
-        seed_faithful=args.seed_faithful,
-        n_advbench=args.n_advbench,
-        n_translation=args.n_translation,
-        translation_langs=langs,
-        translation_format=args.translation_format,
-        translation_source=args.translation_source,
-        xstest=args.xstest,
-        max_new_tokens=args.max_new_tokens,
-        early_exit=args.early_exit,
-        dtype=args.dtype,
-    )
-    if args.seed_faithful and (args.max_new_tokens != 256 or args.early_exit):
-        print("--seed-faithful: using 256 new tokens and no early exit", file=sys.stderr)
-    run_eval(
-        args.ckpt,
-        args.out,
-        settings,
-        base=args.base,
-        device=args.device,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
+    settings = EvalSettings.from_cli(cli_values(args))
+    if settings.seed_faithful and (settings.max_new_tokens != SEED_MAX_NEW_TOKENS or settings.early_exit):
+        print(f"--seed-faithful: using {SEED_MAX_NEW_TOKENS} new tokens and no early exit", file=sys.stderr)
+    run_eval(args.ckpt, args.out, settings, base=args.base, shard=args.shard)
     return 0
 
 
@@ -151,7 +78,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _register_score(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="score existing responses in a CSV/JSONL file: refusal rate or chrF")
+    from refusal_probe.evaluate.judge import JUDGES
+
+    p = sub.add_parser(
+        "score",
+        description="Score responses that already exist (ours or anyone's). Empty or missing responses (empty, "
+        "null or NaN) are counted (n_empty) and said so; the judge's rule decides whether they are refusals.",
+        help="score existing responses in a CSV/JSONL file: refusal rate or chrF",
+    )
     ssub = p.add_subparsers(dest="score_command", metavar="METRIC")
 
     r = ssub.add_parser(
@@ -169,12 +103,15 @@ def _register_score(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument(
         "--judge",
-        choices=JUDGE_CHOICES,
-        default="keywords",
-        help="keywords (default) or seed-keywords (the study's 47 keywords, exactly)",
+        choices=JUDGES,
+        default=JUDGES[0],
+        help="keywords (counts an empty response as a refusal) or seed-keywords (the study's 47 keywords "
+        "exactly; an empty response is not a refusal) [default: %(default)s]",
     )
     r.add_argument(
-        "--json", action="store_true", help="print one JSON object {group: {n, value, label_*, signature}}"
+        "--json",
+        action="store_true",
+        help="print one JSON object {group: {n, value, label_*, n_empty, empty_is_refusal, signature}}",
     )
     r.set_defaults(func=_score_refusal)
 
@@ -187,15 +124,25 @@ def _register_score(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--group-by", default=None, help="column to group rows by (e.g. checkpoint); default: all rows"
     )
-    c.add_argument("--json", action="store_true", help="print one JSON object {group: {n, value, signature}}")
+    c.add_argument(
+        "--json", action="store_true", help="print one JSON object {group: {n, value, n_empty, signature}}"
+    )
     c.set_defaults(func=_score_chrf)
 
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(func=_score_without_metric)
+
+
+def _score_without_metric(args: argparse.Namespace) -> int:
+    raise UserError(
+        "say what to score: `refusal-probe score refusal FILE --text-column COL` or "
+        "`refusal-probe score chrf FILE --hyp-column COL --ref-column COL`"
+    )
 
 
 def _score_refusal(args: argparse.Namespace) -> int:
     from refusal_probe.evaluate.judge import get_judge
     from refusal_probe.evaluate.score import (
+        empty_note,
         format_table,
         group_rows,
         read_table,
@@ -218,17 +165,29 @@ def _score_refusal(args: argparse.Namespace) -> int:
         g: score_refusal(rs, judge, args.text_column, args.prompt_column)
         for g, rs in group_rows(rows, args.group_by).items()
     }
+    note = empty_note(results, "responses", judge)
     if args.json:
         print(json.dumps(results, indent=2))
+        if note:
+            print(note, file=sys.stderr)
     else:
         print(format_table(results, "refusal_rate", 4))
+        if note:
+            print(note)
         if args.prompt_column is None:
             print("note: no --prompt-column, so responses that repeat the prompt count as comply, not echo")
     return 0
 
 
 def _score_chrf(args: argparse.Namespace) -> int:
-    from refusal_probe.evaluate.score import format_table, group_rows, read_table, require_columns, score_chrf
+    from refusal_probe.evaluate.score import (
+        empty_note,
+        format_table,
+        group_rows,
+        read_table,
+        require_columns,
+        score_chrf,
+    )
 
     rows, columns = read_table(args.file)
     require_columns(
@@ -240,8 +199,13 @@ def _score_chrf(args: argparse.Namespace) -> int:
         g: score_chrf(rs, args.hyp_column, args.ref_column)
         for g, rs in group_rows(rows, args.group_by).items()
     }
+    note = empty_note(results, "hypotheses")
     if args.json:
         print(json.dumps(results, indent=2))
+        if note:
+            print(note, file=sys.stderr)
     else:
         print(format_table(results, "chrF", 3))
+        if note:
+            print(note)
     return 0
