@@ -9,7 +9,10 @@ QLoRA NF4 with double quantisation, DPO beta=0.1 with the sigmoid loss, checkpoi
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,62 @@ from refusal_probe.core.errors import UserError
 from refusal_probe.core.settings import Settings, flag, read_toml
 from refusal_probe.core.settings import opt as _opt
 from refusal_probe.models.manifest import METHODS
+from refusal_probe.models.quant import QUANT_TYPES
+
+# ---- closed vocabularies: the CLI's choices, validation and the code's comparisons all read these ----
+
+
+class Dtype(str, Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class DpoPairs(str, Enum):
+    AUTO = "auto"
+    WMT = "wmt"
+    ON_POLICY = "on-policy"
+
+
+class KeepOptimizer(str, Enum):
+    RESUME = "resume"
+    ALL = "all"
+
+
+class TrainData(str, Enum):
+    NTREX = "ntrex"
+    MT_PREF = "mt-pref"
+
+
+class PromptFormat(str, Enum):
+    SEED = "seed"
+    INSTRUCTED = "instructed"
+
+
+class Device(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def choices_of(vocabulary: type[Enum]) -> tuple[str, ...]:
+    return tuple(str(v.value) for v in vocabulary)
+
+
+@functools.cache
+def scheduler_names() -> tuple[str, ...]:
+    """transformers' SchedulerType values (imported when a config is validated, not when the CLI starts)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return choices_of(SchedulerType)
+
+
+@functools.cache
+def optimizer_names() -> tuple[str, ...]:
+    """transformers' OptimizerNames values."""
+    from transformers.training_args import OptimizerNames
+
+    return choices_of(OptimizerNames)
+
 
 LORA_PRESETS: dict[str, list[str]] = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -86,7 +145,7 @@ class TrainConfig(Settings):
         "float32",
         "Weight dtype of the trained model. float32 keeps small updates exact; the study "
         "loaded bfloat16 weights.",
-        ("float32", "bfloat16"),
+        choices_of(Dtype),
     )
 
     # LoRA / QLoRA
@@ -98,7 +157,7 @@ class TrainConfig(Settings):
         "Modules to adapt, comma-separated, or a preset: attn (q,k,v,o; the default), "
         "qlora-all (q,k,v,o,gate,up,down: the study's QLoRA), or peft's all-linear.",
     )
-    qlora_quant_type: str = _opt("nf4", "4-bit quantisation of the QLoRA base.", ("nf4", "fp4"))
+    qlora_quant_type: str = _opt("nf4", "4-bit quantisation of the QLoRA base.", QUANT_TYPES)
     qlora_double_quant: bool = _opt(
         True, "Quantise the quantisation constants too (QLoRA double quantisation)."
     )
@@ -114,7 +173,7 @@ class TrainConfig(Settings):
         "Preference pairs: wmt (bundled WMT22/23 de-en system outputs, best vs worst chrF), "
         "on-policy (reference vs the base model's own greedy translation), auto (the "
         "dataset's own pairs for mt-pref, else wmt).",
-        ("auto", "wmt", "on-policy"),
+        choices_of(DpoPairs),
     )
 
     # Checkpoints
@@ -125,7 +184,7 @@ class TrainConfig(Settings):
         "resume",
         "Optimizer state to keep: resume (only the newest checkpoint's, enough to "
         "resume; deleted when the run completes) or all.",
-        ("resume", "all"),
+        choices_of(KeepOptimizer),
     )
 
     # Data
@@ -133,7 +192,7 @@ class TrainConfig(Settings):
         "ntrex",
         "Translation data: ntrex (bundled NTREX-128, offline, split by document) or "
         "mt-pref (sardinelab/MT-pref from the hub, filtered as the study did).",
-        ("ntrex", "mt-pref"),
+        choices_of(TrainData),
     )
     langs: list[str] = _opt(["de", "fr", "es", "it", "pt"], "Source languages (X->English), comma-separated.")
     include_nl: bool = _opt(
@@ -151,13 +210,11 @@ class TrainConfig(Settings):
         "seed",
         "User turn: seed (the raw source text, as in the study) or instructed "
         "('Translate the following <Language> text to English: ...').",
-        ("seed", "instructed"),
+        choices_of(PromptFormat),
     )
 
     # Hardware
-    device: str = _opt(
-        "auto", "Where to train: auto (cuda if available), cpu or cuda.", ("auto", "cpu", "cuda")
-    )
+    device: str = _opt("auto", "Where to train: auto (cuda if available), cpu or cuda.", choices_of(Device))
     bf16: bool | None = _opt(
         None, "bfloat16 mixed precision; default on where CUDA supports it. Forced off on CPU."
     )
@@ -186,7 +243,6 @@ class TrainConfig(Settings):
 
     def validate(self) -> TrainConfig:
         """Raise UserError naming the first bad value; return self for chaining."""
-        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a positive number")
         _check(self.epochs > 0, "epochs", self.epochs, "a positive number")
         _check(
@@ -218,22 +274,12 @@ class TrainConfig(Settings):
             self.run_name,
             "a plain folder name",
         )
-        for key in (
-            "dtype",
-            "qlora_quant_type",
-            "dpo_pairs",
-            "keep_optimizer",
-            "train_data",
-            "prompt_format",
-        ):
-            choices = TrainConfig.field_choices(key) or ()
-            _check(getattr(self, key) in choices, key, getattr(self, key), f"one of {', '.join(choices)}")
-        _check(
-            self.device in ("auto", "cpu", "cuda"),
-            "device",
-            self.device,
-            "auto, cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES; several GPUs: accelerate launch)",
-        )
+        for key in TrainConfig.settings_fields():  # every closed vocabulary, from the field's own choices
+            choices = TrainConfig.field_choices(key)
+            if choices:
+                _check_name(key, getattr(self, key), choices)
+        _check_name("lr_scheduler", self.lr_scheduler, scheduler_names(), "transformers SchedulerType")
+        _check_name("optim", self.optim, optimizer_names(), "transformers OptimizerNames")
         return self
 
 
@@ -248,6 +294,16 @@ def default_run_name(method: str, learning_rate: float) -> str:
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise UserError(f"training setting {key}={value!r} is invalid; expected {expected} ({flag(key)})")
+
+
+def _check_name(key: str, value: Any, names: tuple[str, ...], source: str = "") -> None:
+    """A value from a closed vocabulary; the message lists the valid names (nearest first) and where they come from."""
+    if value in names:
+        return
+    near = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    origin = f" ({source})" if source else ""
+    _check(False, key, value, f"{hint}one of {', '.join(names)}{origin}")
 
 
 def field_names() -> list[str]:
