@@ -158,3 +158,30 @@ def test_train_command_shape():
     cmd = train_command(sweep, run)
     assert cmd[:4] == ["refusal-probe", "train", "--config", str(sweep.path)]
     assert cmd[cmd.index("--run-name") + 1] == run.name
+
+
+def test_sweep_refuses_a_later_run_before_the_first_trains(tiny_llama, tmp_path, capsys):
+    """Run 2's folder holds a complete run with other settings: the sweep is refused before run 1 is trained."""
+    from refusal_probe.train.lifecycle import base_record, hyperparameters
+    from refusal_probe.train.runner import prepare
+
+    f = tmp_path / "tiny.toml"
+    f.write_text(
+        f'[sweep]\nout = "{tmp_path / "runs"}"\n'
+        f'[base]\nmodel = "{tiny_llama}"\nmax_steps = 1\nn_train = 2\ndevice = "cpu"\n'
+        '[grid]\nmethod = ["lora"]\nlearning_rate = [1e-4, 1e-5]\n'
+    )
+    second = expand(load_sweep(f))[1]
+    config, _ = prepare(second.config, tmp_path / "runs")
+    RunManifest(
+        run=second.name,
+        method="lora",
+        base_model=base_record(str(tiny_llama)),
+        hyperparameters={**hyperparameters(config), "seed": 7},
+        complete=True,
+    ).save(tmp_path / "runs" / second.name)
+    assert main(["sweep", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "lora-lr1e-05: a complete run with other settings is there (seed 7 -> 42)" in err
+    assert not (tmp_path / "runs" / "lora-lr0.0001").exists()
+    assert main(["sweep", str(f), "--dry-run"]) == 2

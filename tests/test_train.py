@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,9 +16,19 @@ from refusal_probe.cli import main
 from refusal_probe.core.errors import UserError
 from refusal_probe.data import translation as tdata
 from refusal_probe.models.manifest import RunManifest
+from refusal_probe.train.base import load_for_training
 from refusal_probe.train.callbacks import checkpoint_steps
-from refusal_probe.train.config import TrainConfig, build_config, default_run_name
-from refusal_probe.train.methods import build_trainer, load_for_training, planned_steps, run_status, train
+from refusal_probe.train.config import (
+    DpoPairs,
+    KeepOptimizer,
+    TrainConfig,
+    build_config,
+    choices_of,
+    default_run_name,
+)
+from refusal_probe.train.lifecycle import run_status, settings_diff
+from refusal_probe.train.runner import train
+from refusal_probe.train.trainer import build_trainer, planned_steps
 
 STEPS = [1, 2, 3, 4]
 
@@ -226,7 +237,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_complete_run_is_skipped
     ).exists()
     first_save = (run_dir / "checkpoint-1" / "adapter_model.safetensors").stat().st_mtime_ns
 
-    with pytest.raises(UserError, match="started with seed=42, now seed=1"):
+    with pytest.raises(UserError, match="started with other settings \\(seed 42 -> 1\\)"):
         train(tiny_config(tiny_llama, method="lora", seed=1), out)
 
     train(cfg, out)
@@ -326,3 +337,85 @@ def test_adapter_as_base_is_refused(tiny_llama, tmp_path):
     )
     with pytest.raises(UserError, match="is a PEFT adapter"):
         train(tiny_config(lora / "checkpoint-1", method="full"), tmp_path / "b")
+
+
+# ---- settings that changed, closed vocabularies ----
+
+
+def test_settings_diff_ignores_execution_only_and_unrecorded_settings():
+    old = {"learning_rate": 1e-4, "device": "cuda", "grad_accum": 2, "retired": 1, "seed": 42}
+    new = {"learning_rate": 5e-5, "device": "cpu", "grad_accum": 1, "added": 3, "seed": 42}
+    assert settings_diff(old, new) == [("learning_rate", 1e-4, 5e-5)]
+
+
+def test_scheduler_and_optimizer_names_come_from_transformers():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for name in SchedulerType:
+        assert build_config(None, {"lr_scheduler": name.value}).lr_scheduler == name.value
+    assert build_config(None, {"optim": OptimizerNames.SGD.value}).optim == "sgd"
+    with pytest.raises(UserError, match=r"did you mean 'cosine'.*\(--lr-scheduler\)"):
+        build_config(None, {"lr_scheduler": "cosin"})
+    with pytest.raises(UserError, match=r"optim='adam'.*adamw_torch.*OptimizerNames\) \(--optim\)"):
+        build_config(None, {"optim": "adam"})
+
+
+def test_cli_choices_are_the_vocabularies():
+    import argparse
+
+    from refusal_probe.cli import build_parser
+    from refusal_probe.models.manifest import METHODS
+    from refusal_probe.models.quant import QUANT_TYPES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    choices = {a.dest: a.choices for a in sub.choices["train"]._actions}
+    assert choices["cfg_method"] == METHODS and choices["cfg_qlora_quant_type"] == QUANT_TYPES
+    assert choices["cfg_dpo_pairs"] == choices_of(DpoPairs) == ("auto", "wmt", "on-policy")
+    assert choices["cfg_keep_optimizer"] == choices_of(KeepOptimizer)
+    with pytest.raises(UserError, match="dpo_pairs='offline'"):
+        TrainConfig(dpo_pairs="offline").validate()
+
+
+def test_complete_run_with_other_settings_is_refused_same_settings_skipped(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "runs"
+    one = dict(method="lora", max_steps=1, checkpoint_fractions=[1.0], run_name="r")
+    run_dir = train(tiny_config(tiny_llama, **one), out)
+    done = (run_dir / "checkpoint-1" / "adapter_model.safetensors").stat().st_mtime_ns
+    entries = sorted(p.name for p in run_dir.iterdir())
+    capsys.readouterr()
+    # execution-only settings may differ; the same settings are skipped
+    assert train(tiny_config(tiny_llama, **one, logging_steps=5, keep_optimizer="all"), out) == run_dir
+    assert "complete, skipped" in capsys.readouterr().out
+    with pytest.raises(
+        UserError,
+        match=r"runs/r: a complete run with other settings is there "
+        r"\(learning_rate 5e-05 -> 0.0001, seed 42 -> 1\); pass another --run-name",
+    ):
+        train(tiny_config(tiny_llama, **one, learning_rate=1e-4, seed=1), out)
+    other_base = shutil.copytree(tiny_llama, tmp_path / "other-base")
+    with pytest.raises(UserError, match=f"model '{tiny_llama}' -> '{other_base}'"):
+        train(tiny_config(other_base, **one), out)
+    with pytest.raises(UserError, match="the run folder would lie inside .*checkpoint-1.* never written"):
+        train(tiny_config(tiny_llama, **one), run_dir / "checkpoint-1")
+    assert (run_dir / "checkpoint-1" / "adapter_model.safetensors").stat().st_mtime_ns == done
+    assert sorted(p.name for p in run_dir.iterdir()) == entries and "run.json" in entries
+
+
+def test_qlora_fp4_run_is_read_back_as_fp4_over_its_recorded_base(tiny_llama, tmp_path, monkeypatch):
+    from refusal_probe.models.quant import QuantSpec
+    from refusal_probe.models.tree import discover
+
+    monkeypatch.chdir(tiny_llama.parent)  # the base given relative to the working directory
+    cfg = tiny_config("./model", method="qlora", qlora_quant_type="fp4", max_steps=2)
+    run_dir = train(dataclasses.replace(cfg, checkpoint_fractions=[0.5, 1.0]), tmp_path / "runs")
+    m = RunManifest.load(run_dir)
+    assert m.base_model == str(tiny_llama.resolve()) and m.base_model_spec == "./model"
+    hp = m.hyperparameters
+    assert (hp["qlora_quant_type"], hp["qlora_double_quant"], hp["load_in_4bit"]) == ("fp4", True, True)
+
+    monkeypatch.chdir(tmp_path)  # analysed from elsewhere: the base still resolves
+    found = discover(str(run_dir))
+    assert [c.name for c in found] == ["base", "checkpoint-1", "checkpoint-2"]
+    assert Path(found[0].path).resolve() == tiny_llama.resolve()
+    assert found[-1].quant == QuantSpec("fp4", True) and found[-1].quant.quant_type == "fp4"

@@ -6,7 +6,8 @@ Format (``"format": "refusal-probe/run/1"``)::
       "format": "refusal-probe/run/1",
       "run": "lora-lr5e-05",                 # run name (folder name by default)
       "method": "lora",                       # full | lora | qlora | dpo
-      "base_model": "qwen2.5-coder-0.5b-instruct",   # model spec the run started from
+      "base_model": "/abs/path/to/base",      # the base: a local one as an absolute path, else the embedded name/hub id
+      "base_model_spec": "../base",           # the base as the user gave it
       "base_model_revision": "sha256:... or hub commit",
       "learning_rate": 5e-05,
       "hyperparameters": {...},               # every training setting, flat
@@ -40,6 +41,7 @@ class RunManifest:
     run: str
     method: str | None = None
     base_model: str | None = None
+    base_model_spec: str | None = None
     base_model_revision: str | None = None
     learning_rate: float | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)

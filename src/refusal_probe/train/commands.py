@@ -15,8 +15,9 @@ def register(subparsers) -> None:
         help="fine-tune a model (full | lora | qlora | dpo) and save checkpoints at fractions of training",
         description="Fine-tune a chat model for X->English translation and write <out>/<run>/checkpoint-<step>/ "
         "(HF Trainer layout) at the configured fractions of training, plus <out>/<run>/run.json. "
-        "Settings come from the defaults, then --config FILE, then the flags below. A complete run is "
-        "skipped; an interrupted one resumes from its last checkpoint.",
+        "Settings come from the defaults, then --config FILE, then the flags below. A complete run with the "
+        "same settings is skipped (with other settings it is refused); an interrupted one resumes from its last "
+        "checkpoint. A run folder inside another run, checkpoint or model folder is refused.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -72,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.show_config:
         print(config.to_toml(), end="")
         return 0
-    from refusal_probe.train.methods import train
+    from refusal_probe.train.runner import train
 
     run_dir = train(config, args.out)
     print(run_dir)
@@ -80,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from refusal_probe.train.sweep import expand, load_sweep, run_sweep, status_line, train_command
+    from refusal_probe.train.sweep import expand, load_sweep, preflight, run_sweep, status_line, train_command
 
     sweep = load_sweep(args.file, args.out)
     runs = expand(sweep)
@@ -89,6 +90,7 @@ def _sweep(args: argparse.Namespace) -> int:
             print(shlex.join(train_command(sweep, run, accelerate=args.accelerate)))
         return 0
     if args.dry_run:
+        preflight(sweep, runs)
         width = max(len(r.name) for r in runs)
         for run in runs:
             print(f"{run.name:<{width}}  {status_line(sweep, run)}")

@@ -28,7 +28,7 @@ from typing import Any
 
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.settings import read_toml, to_flags
-from refusal_probe.train.config import TrainConfig, build_config, default_run_name, field_names
+from refusal_probe.train.config import TrainConfig, build_config, coerce, default_run_name, field_names
 
 SWEEP_KEYS = ("name", "out", "description")
 FIRST = ("method", "learning_rate")  # outer loops, in this order
@@ -96,7 +96,8 @@ def expand(sweep: Sweep) -> list[PlannedRun]:
     base = build_config(sweep.path, {})
     runs, seen = [], set()
     for combo in itertools.product(*(sweep.grid[k] for k in keys)):
-        values = dict(zip(keys, combo, strict=True))
+        # coerced first: a run's name is made from its values (learning_rate = ["fast"] is named, not a crash)
+        values = {k: coerce(k, v, f"{sweep.path} [grid]") for k, v in zip(keys, combo, strict=True)}
         name = run_label(values, base)
         if name in seen:
             raise UserError(
@@ -124,16 +125,28 @@ def train_command(sweep: Sweep, run: PlannedRun, accelerate: bool = False) -> li
 
 
 def status_line(sweep: Sweep, run: PlannedRun) -> str:
-    from refusal_probe.train.methods import run_status
+    from refusal_probe.train.lifecycle import RESUME, run_status
 
     status, last = run_status(sweep.out / run.name)
-    return f"resume from {last.name}" if status == "resume" and last else status
+    return f"resume from {last.name}" if status == RESUME and last else status
+
+
+def preflight(sweep: Sweep, runs: list[PlannedRun]) -> None:
+    """Every run's refusals (a folder inside another run's, changed settings of a complete or partial run) before the
+    first one trains: a sweep does not stop hours in on a run it could have refused at the start."""
+    from refusal_probe.train.runner import prepare
+
+    for run in runs:
+        prepare(run.config, sweep.out)
 
 
 def run_sweep(sweep: Sweep, runs: list[PlannedRun], accelerate: bool = False) -> list[Path]:
     """Train each run in turn (in this process, or through `accelerate launch` for several GPUs)."""
-    from refusal_probe.train.methods import train
+    from refusal_probe.train.lifecycle import check_writable
+    from refusal_probe.train.runner import train
 
+    preflight(sweep, runs)
+    check_writable(sweep.out)
     done = []
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name}: {status_line(sweep, run)}", flush=True)
