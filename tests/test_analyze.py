@@ -17,6 +17,14 @@ from refusal_probe.models.source import load_model
 ARGS = ["--n-prompts", "12", "--n-val", "6", "--batch-size", "6", "--no-progress"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_direction_cache(tmp_path_factory):
+    """This module's runs share one empty direction cache (the user's own is never touched)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REFUSAL_PROBE_CACHE", str(tmp_path_factory.mktemp("direction-cache")))
+        yield
+
+
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -93,8 +101,11 @@ def test_tidy_columns_and_base_is_checkpoint_zero(analysed):
     for col in ("run", "method", "lr", "step", "fraction", "layer", "module", "metric", "value"):
         assert col in drift.columns
     base = drift[(drift["step"] == 0) & (drift["metric"] == "cos_to_base")]
-    assert set(base["run"]) == {"full-lr1e-04", "lora-lr1e-04"}
-    assert base["value"].dropna().between(1 - 1e-9, 1 + 1e-9).all()
+    assert set(base["run"]) == {"full-lr1e-04", "lora-lr1e-04"} and set(base["checkpoint"]) == {"base"}
+    # layer 0 reads the embeddings of identical template tokens: a zero direction, so NaN; every later layer is 1
+    finite = base[base["layer"] > 0]["value"]
+    assert len(finite) == 2 * 3 and finite.notna().all() and finite.between(1 - 1e-9, 1 + 1e-9).all()
+    assert base[base["layer"] == 0]["value"].isna().all()
     steps = drift.groupby("run")["step"].unique().to_dict()
     assert sorted(steps["full-lr1e-04"]) == [0, 2, 4] and sorted(steps["lora-lr1e-04"]) == [0, 4]
     assert set(drift[drift["run"] == "full-lr1e-04"]["fraction"].unique()) == {0.0, 0.5, 1.0}
@@ -102,18 +113,19 @@ def test_tidy_columns_and_base_is_checkpoint_zero(analysed):
 
 def test_drift_matches_hand_computation(tiny_llama, tree, analysed):
     """cos_to_base at every layer recomputed here from the two models' own activations."""
-    from refusal_probe.analysis.pipeline import AnalyzeSettings, prompt_sets
+    from refusal_probe.analysis.pipeline import analysis_prompts
+    from refusal_probe.analysis.settings import AnalyzeSettings
     from refusal_probe.probe.activations import capture
 
     out, _ = analysed
     summary = json.loads((out / "summary.json").read_text())
     position = summary["bases"][str(tiny_llama)]["position"]
-    prompts = prompt_sets(AnalyzeSettings(n_prompts=12, n_val=6))
+    prompts = analysis_prompts(AnalyzeSettings(n_prompts=12, n_val=6))
 
     def dirs(path):
         model, tok = load_model(path)
-        h = capture(model, tok, prompts["harmful"][0], progress=False).mean
-        b = capture(model, tok, prompts["harmless"][0], progress=False).mean
+        h = capture(model, tok, prompts["harmful_train"], progress=False).mean
+        b = capture(model, tok, prompts["harmless_train"], progress=False).mean
         return (h - b)[:, position]
 
     base, ckpt = dirs(tiny_llama), dirs(tree / "full-lr1e-04" / "checkpoint-2")
@@ -122,7 +134,9 @@ def test_drift_matches_hand_computation(tiny_llama, tree, analysed):
     got = drift[(drift["run"] == "full-lr1e-04") & (drift["step"] == 2) & (drift["metric"] == "cos_to_base")]
     got = got.sort_values("layer")["value"].to_numpy()
     finite = torch.isfinite(expected)
+    assert int(finite.sum()) == len(expected) - 1  # only layer 0 (identical template embeddings) is undefined
     assert torch.allclose(torch.tensor(got)[finite], expected[finite], atol=1e-6)
+    assert (got[~finite.numpy()] != got[~finite.numpy()]).all()  # NaN where the hand computation is undefined
 
 
 def test_weight_deltas_match_dense_computation(tiny_llama, tree, analysed):

@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from refusal_probe.cli import main
+from refusal_probe.probe.candidates import layer_cutoff
 from refusal_probe.probe.commands import default_out
-from refusal_probe.probe.select import DirectionResult, layer_cutoff
+from refusal_probe.probe.direction_result import DirectionResult
+
+
+@pytest.fixture(autouse=True)
+def _own_direction_cache(tmp_path, monkeypatch):
+    """Each test starts with an empty direction cache (the user's own is never touched)."""
+    monkeypatch.setenv("REFUSAL_PROBE_CACHE", str(tmp_path / "direction-cache"))
+
 
 FAST = ["--search", "full", "--n-train", "4", "--n-val", "3", "--batch-size", "4", "--quiet"]
 
@@ -39,7 +47,7 @@ def test_end_to_end_with_validation(tiny_llama, tmp_path, capsys):
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert {p.name for p in out.iterdir()} == {
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
         "candidates.csv",
         "direction.json",
         "directions.safetensors",

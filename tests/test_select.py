@@ -12,21 +12,13 @@ import torch
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.template import format_prompts
 from refusal_probe.models.source import load_model
+from refusal_probe.probe.candidates import choose, filter_reasons, kl_last, layer_cutoff, refusal_score
+from refusal_probe.probe.direction_result import DirectionResult
 from refusal_probe.probe.hooks import ablate, add
-from refusal_probe.probe.select import (
-    DEFAULT_REFUSAL_PHRASES,
-    DirectionResult,
-    choose,
-    filter_reasons,
-    kl_last,
-    layer_cutoff,
-    parse_phrases,
-    refusal_score,
-    refusal_token_ids,
-    sample_prompts,
-    score_candidates,
-    select_direction,
-)
+from refusal_probe.probe.refusal_tokens import DEFAULT_REFUSAL_PHRASES, parse_phrases, refusal_token_ids
+from refusal_probe.probe.scoring import score_candidates
+from refusal_probe.probe.select import sample_prompts, select_direction
+from refusal_probe.probe.settings import SelectionRules
 
 # ------------------------------------------------------------------------------------------------ pure math
 
@@ -119,7 +111,9 @@ def test_filter_reasons_follow_the_rules():
     )
     reasons = filter_reasons(df, 4).tolist()
     assert reasons == ["zero", "", "kl", "steering", "layer", "layer;kl;steering", "nan"]
-    looser = filter_reasons(df, 4, max_layer_fraction=1.0, kl_threshold=0.3, induce_threshold=-0.5).tolist()
+    looser = filter_reasons(
+        df, 4, SelectionRules(max_layer_fraction=1.0, kl_threshold=0.3, induce_threshold=-0.5)
+    ).tolist()
     assert looser == ["zero", "", "", "", "", "kl;steering", "nan"]
 
 
@@ -268,7 +262,14 @@ def test_score_candidates_only_scores_requested(llama):
     assert math.isfinite(scored.ablation_score.iloc[0])
 
     skip = score_candidates(
-        model, tok, cands, ["Hack a bank"], ["Bake a cake"], [5], skip_late_layers=True, progress=False
+        model,
+        tok,
+        cands,
+        ["Hack a bank"],
+        ["Bake a cake"],
+        [5],
+        rules=SelectionRules(skip_late_layers=True),
+        progress=False,
     )
     late = skip[skip.layer >= 3]
     assert (late.filtered_reason == "layer;not scored").all() and late.ablation_score.isna().all()

@@ -15,8 +15,9 @@ from refusal_probe.analysis.tables import (
 from refusal_probe.core.errors import UserError
 
 
-def _key(run, step, frac, method="full", lr=5e-5):
-    return {"run": run, "method": method, "lr": lr, "step": step, "fraction": frac}
+def _key(run, step, frac, method="full", lr=5e-5, name=None):
+    name = name or ("base" if step == 0 else f"checkpoint-{step}")
+    return {"run": run, "checkpoint": name, "method": method, "lr": lr, "step": step, "fraction": frac}
 
 
 def _drift():
@@ -61,7 +62,7 @@ def _behaviour():
 
 def test_checkpoint_table_hand_values():
     t = checkpoint_table(_drift(), _deltas(), _behaviour(), refusal_layer=1)
-    assert list(t.columns[:5]) == ["run", "method", "lr", "step", "fraction"]
+    assert list(t.columns[:6]) == ["run", "checkpoint", "method", "lr", "step", "fraction"]
     assert t["step"].tolist() == [0, 10]
     base, ckpt = t.iloc[0], t.iloc[1]
     assert ckpt["cos_to_base_at_rl"] == pytest.approx(0.6)
@@ -95,6 +96,27 @@ def test_checkpoint_table_unknown_method_and_no_layer():
     assert t["mean_cos_to_base"].notna().all()
 
 
+def test_checkpoint_table_joins_rows_without_a_step_by_name():
+    """Two stepless checkpoints of one run (a root adapter, a plain save_pretrained folder) stay two rows, each
+    with its own behaviour: the join is by (run, checkpoint name), not (run, step)."""
+    rows, beh = [], []
+    for name, cos, rate in (("base", 1.0, 0.9), ("final", 0.5, 0.2), ("my-adapter", 0.7, 0.4)):
+        step = 0 if name == "base" else None
+        k = _key("a", step, None, name=name)
+        rows.append({**k, "layer": 1, "module": "", "metric": "cos_to_base", "value": cos})
+        beh.append({**k, "metric": "refusal_rate", "value": rate})
+    t = checkpoint_table(pd.DataFrame(rows), None, pd.DataFrame(beh), refusal_layer=1).set_index("checkpoint")
+    assert sorted(t.index) == ["base", "final", "my-adapter"]
+    assert t.loc["final", "refusal_rate"] == 0.2 and t.loc["my-adapter", "refusal_rate"] == 0.4
+    assert t.loc["final", "cos_to_base_at_rl"] == 0.5 and t.loc["my-adapter", "cos_to_base_at_rl"] == 0.7
+
+
+def test_checkpoint_table_without_names_falls_back_to_steps():
+    drift = _drift().drop(columns="checkpoint")
+    t = checkpoint_table(drift, None, _behaviour().drop(columns="checkpoint"), refusal_layer=1)
+    assert t["refusal_rate"].tolist() == [0.8, 0.5]
+
+
 def test_checkpoint_table_errors():
     with pytest.raises(UserError, match="refusal layer 7"):
         checkpoint_table(_drift(), None, None, refusal_layer=7)
@@ -120,6 +142,7 @@ def test_write_table_order_and_round_trip(tmp_path):
             "lr": [5e-5] * 4,
             "method": ["lora", "lora", "lora", None],
             "run": ["b", "b", "b", "a"],
+            "checkpoint": ["checkpoint-10", "checkpoint-10", "base", "checkpoint-10"],
         }
     )
     paths = write_table(df, tmp_path / "out", "drift")

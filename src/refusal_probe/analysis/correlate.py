@@ -154,9 +154,17 @@ def per_layer_correlation(
     b = behaviour[behaviour["metric"] == y]
     if not len(b):
         return pd.DataFrame(columns=cols)
-    b = b.loc[:, ["run", "step", "value"]].drop_duplicates(["run", "step"]).rename(columns={"value": y})
-    d = drift[drift["metric"] == metric].loc[:, ["run", "method", "step", "layer", "value"]]
-    joined = d.rename(columns={"value": metric}).merge(b, on=["run", "step"], how="inner")
+    # a checkpoint is (run, checkpoint name) where both tables name them (stepless checkpoints join too)
+    keys = (
+        ["run", "checkpoint"]
+        if "checkpoint" in b.columns and "checkpoint" in drift.columns
+        else ["run", "step"]
+    )
+    b = b.loc[:, [*keys, "value"]].drop_duplicates(keys).rename(columns={"value": y})
+    d = drift[drift["metric"] == metric].loc[
+        :, list(dict.fromkeys(["run", "method", "step", *keys, "layer", "value"]))
+    ]
+    joined = d.rename(columns={"value": metric}).merge(b, on=keys, how="inner")
     rows = []
     for layer, at_layer in joined.groupby("layer", sort=True):
         at_layer = at_layer.reset_index(drop=True)

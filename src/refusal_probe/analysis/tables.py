@@ -16,14 +16,17 @@ import pandas as pd
 from refusal_probe.core.errors import UserError, require
 from refusal_probe.core.io import atomic_write
 
-TIDY_COLUMNS = ("run", "method", "lr", "step", "fraction", "layer", "module", "metric", "value")
-CHECKPOINT_KEYS = ("run", "method", "lr", "step", "fraction")
-# Row order of tidy tables: the checkpoint (run, step), then where in the model, then what.
-SORT_KEYS = ("run", "step", "layer", "module", "metric")
+TIDY_COLUMNS = ("run", "checkpoint", "method", "lr", "step", "fraction", "layer", "module", "metric", "value")
+CHECKPOINT_KEYS = ("run", "checkpoint", "method", "lr", "step", "fraction")
+# A checkpoint is (run, checkpoint name): a root adapter or a plain save_pretrained folder has no step.
+JOIN_KEYS = ("run", "checkpoint")
+# Row order of tidy tables: the checkpoint (run, step, name), then where in the model, then what.
+SORT_KEYS = ("run", "step", "checkpoint", "layer", "module", "metric")
 
 # Columns of ``checkpoint_table`` and how each number is computed (the report prints these verbatim).
 COLUMN_DOCS: dict[str, str] = {
     "run": "run name (run folder or run.json)",
+    "checkpoint": "checkpoint name: base, the checkpoint folder's name, or final for a run's root model",
     "method": "training method from run.json or the checkpoint (full, lora, qlora, dpo; empty = unknown)",
     "lr": "learning rate of the run",
     "step": "optimizer step of the checkpoint (0 = the base model)",
@@ -103,7 +106,21 @@ def _layer_for_runs(runs: Iterable[str], refusal_layer: int | Mapping[str, int] 
 
 
 def _per_checkpoint(s: pd.DataFrame, name: str) -> pd.DataFrame:
-    return s.rename(columns={"value": name})[["run", "step", name]]
+    return s.rename(columns={"value": name})[[*JOIN_KEYS, name]]
+
+
+def with_checkpoint(df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``df`` with a ``checkpoint`` column; a table without one (written before names were joined on) is named by
+    its step ("base" for step 0, else "step-N")."""
+    if df is None or not len(df) or "checkpoint" in df.columns:
+        return df
+
+    def name(step) -> str:
+        if step is None or (isinstance(step, float) and np.isnan(step)):
+            return "final"
+        return "base" if float(step) == 0 else f"step-{int(float(step))}"
+
+    return df.assign(checkpoint=[name(s) for s in df["step"]])
 
 
 def refusal_layer_by_run(summary: Mapping | None, runs: Iterable[str]) -> dict[str, int | None]:
@@ -135,7 +152,7 @@ def summary_bases(summary: Mapping | None) -> dict[str, dict]:
     raw = (summary or {}).get("bases") or {}
     if isinstance(raw, Mapping):
         return {str(k): dict(v) if isinstance(v, Mapping) else {"value": v} for k, v in raw.items()}
-    out = {}
+    out: dict[str, dict] = {}
     for item in raw:
         if isinstance(item, Mapping):
             spec = item.get("spec") or item.get("model") or item.get("base") or f"base-{len(out)}"
@@ -151,11 +168,12 @@ def checkpoint_table(
     behaviour: pd.DataFrame | None,
     refusal_layer: int | Mapping[str, int] | None,
 ) -> pd.DataFrame:
-    """One wide row per checkpoint (run, step) joining drift at the refusal layer, weight-change totals, behaviour.
+    """One wide row per checkpoint (run, checkpoint name) joining drift at the refusal layer, weight-change totals, behaviour.
 
     ``refusal_layer`` is one layer for every run or a mapping run -> layer (runs over different bases).
     Column meanings are in ``COLUMN_DOCS``. Missing inputs leave their columns out (deltas, behaviour) or NaN.
     """
+    drift, deltas, behaviour = with_checkpoint(drift), with_checkpoint(deltas), with_checkpoint(behaviour)
     present = _frames(drift, deltas, behaviour)
     require(bool(present), "nothing to tabulate: the drift, deltas and behaviour tables are all empty")
     for what, df in (("drift", drift), ("deltas", deltas)):
@@ -167,8 +185,13 @@ def checkpoint_table(
     ids = pd.concat([f.loc[:, list(CHECKPOINT_KEYS)] for f in present], ignore_index=True)
     ids["method"] = ids["method"].astype(object).where(ids["method"].notna(), None)
     table = (
-        ids.groupby(["run", "step"], dropna=False, sort=True)
-        .agg(method=("method", "first"), lr=("lr", "first"), fraction=("fraction", "first"))
+        ids.groupby(list(JOIN_KEYS), dropna=False, sort=True)
+        .agg(
+            method=("method", "first"),
+            lr=("lr", "first"),
+            step=("step", "first"),
+            fraction=("fraction", "first"),
+        )
         .reset_index()
     )
     table = table.loc[:, list(CHECKPOINT_KEYS)]
@@ -186,9 +209,9 @@ def checkpoint_table(
                 )
         at_rl = d[d["layer"] == d["run"].map(layers)]
         for metric in ("cos_to_base", "proj_gap"):
-            rows = at_rl[at_rl["metric"] == metric].groupby(["run", "step"], dropna=False)["value"].mean()
+            rows = at_rl[at_rl["metric"] == metric].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
             table = table.merge(_per_checkpoint(rows.reset_index(), f"{metric}_at_rl"), how="left")
-        cos = d[d["metric"] == "cos_to_base"].groupby(["run", "step"], dropna=False)["value"].mean()
+        cos = d[d["metric"] == "cos_to_base"].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
         table = table.merge(_per_checkpoint(cos.reset_index(), "mean_cos_to_base"), how="left")
 
     if deltas is not None and len(deltas):
@@ -200,26 +223,28 @@ def checkpoint_table(
             sel = w[w["metric"] == metric]
             if not len(sel):
                 continue
-            sq = (sel["value"].astype(np.float64) ** 2).groupby([sel["run"], sel["step"]], dropna=False).sum()
+            sq = (
+                (sel["value"].astype(np.float64) ** 2)
+                .groupby([sel[k] for k in JOIN_KEYS], dropna=False)
+                .sum()
+            )
             table = table.merge(_per_checkpoint(np.sqrt(sq).reset_index(), col), how="left")
             base = table["step"] == 0
             table.loc[base, col] = table.loc[base, col].fillna(0.0)
 
     if behaviour is not None and len(behaviour):
-        b = behaviour.loc[:, ["run", "step", "metric", "value"]].drop_duplicates()
-        dup = b.duplicated(["run", "step", "metric"], keep=False)
+        b = behaviour.loc[:, [*JOIN_KEYS, "metric", "value"]].drop_duplicates()
+        dup = b.duplicated([*JOIN_KEYS, "metric"], keep=False)
         if dup.any():
             r = b[dup].iloc[0]
             raise UserError(
-                f"behaviour table has conflicting values for run {r['run']} step {r['step']} metric {r['metric']}; "
-                "re-run `refusal-probe eval` or remove the stale rows"
+                f"behaviour table has conflicting values for run {r['run']} checkpoint {r['checkpoint']} metric "
+                f"{r['metric']}; re-run `refusal-probe eval` or remove the stale rows"
             )
-        wide = (
-            b.set_index(["run", "step", "metric"])["value"].astype(np.float64).unstack("metric").reset_index()
-        )
+        wide = b.set_index([*JOIN_KEYS, "metric"])["value"].astype(np.float64).unstack("metric").reset_index()
         wide.columns.name = None
         order = [m for m in ("refusal_rate", "chrf", "xstest_refusal_rate") if m in wide.columns]
-        order += sorted(c for c in wide.columns if c not in ("run", "step", *order))
-        table = table.merge(wide.loc[:, ["run", "step", *order]], how="left", on=["run", "step"])
+        order += sorted(c for c in wide.columns if c not in (*JOIN_KEYS, *order))
+        table = table.merge(wide.loc[:, [*JOIN_KEYS, *order]], how="left", on=list(JOIN_KEYS))
 
     return table.sort_values(["run", "step"], kind="mergesort", na_position="last").reset_index(drop=True)

@@ -20,28 +20,37 @@ def bundled(relpath: str) -> Path:
 def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """Prompts from .txt (one per line), .csv, .json (list of str or objects) or .jsonl.
 
-    For tables and objects the prompt is taken from ``column`` or the first of PROMPT_COLUMNS present.
+    For tables and objects the prompt is taken from ``column`` or the first of PROMPT_COLUMNS present. Text is read as
+    UTF-8 with or without a byte-order mark (Excel writes one at the start of a CSV header).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: prompt file not found; pass an existing .txt/.csv/.json/.jsonl file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file; pass a .txt/.csv/.json/.jsonl prompt file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
         elif suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
+            with path.open(newline="", encoding="utf-8-sig") as fh:
                 rows = list(csv.DictReader(fh))
             prompts = _from_records(rows, column, path)
         elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):
                 data = next((v for v in data.values() if isinstance(v, list)), [])
             prompts = _from_records(data, column, path)
         elif suffix == ".jsonl":
-            rows = [
-                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            ]
+            rows = []
+            for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise UserError(
+                            f"{path}: line {number} is not JSON ({exc.msg}); fix that line"
+                        ) from None
             prompts = _from_records(rows, column, path)
         else:
             raise UserError(
@@ -49,6 +58,10 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
             )
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: cannot parse prompt file ({exc}); fix the file or pass another") from None
+    except OSError as exc:
+        raise UserError(
+            f"{path}: cannot read prompt file ({exc.strerror or exc}); pass a readable file"
+        ) from None
     prompts = [p for p in prompts if p and p.strip()]
     if not prompts:
         raise UserError(f"{path}: prompt file holds no prompts; add at least one non-empty prompt")
@@ -63,9 +76,10 @@ def _from_records(rows: list, column: str | None, path: Path) -> list[str]:
     keys = rows[0].keys() if isinstance(rows[0], dict) else ()
     col = column or next((c for c in PROMPT_COLUMNS if c in keys), None)
     if col is None or col not in keys:
+        found = ", ".join(map(str, keys)) or "none"
         raise UserError(
-            f"{path}: no prompt column found (looked for {column or ', '.join(PROMPT_COLUMNS)}); "
-            "pass --prompt-column NAME"
+            f"{path}: no prompt column found (looked for {column or ', '.join(PROMPT_COLUMNS)}; the file has "
+            f"{found}); name the column holding the prompts 'prompt'"
         )
     return [str(r.get(col, "")).strip() for r in rows]
 

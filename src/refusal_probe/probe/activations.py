@@ -26,6 +26,7 @@ from refusal_probe.core.batching import (
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.template import tokenize_prompts
 from refusal_probe.models.handle import decoder_layers, hidden_size
+from refusal_probe.probe.settings import BACKENDS
 
 __all__ = [
     "Activations",
@@ -35,8 +36,6 @@ __all__ = [
     "decoder_layers",
     "resid_pre_hooks",
 ]
-
-BACKENDS = ("hooks", "transformer-lens")
 
 
 @dataclass
@@ -95,7 +94,16 @@ def resid_pre_hooks(
 class _Accumulator:
     """Running float64 sum on the CPU (plus float32 per-prompt copies when asked), with a finiteness check."""
 
-    def __init__(self, n: int, n_layers: int, n_pos: int, d: int, keep: bool):
+    def advice(self) -> str:
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return f"the model runs in {str(self.dtype).removeprefix('torch.')}, which overflowed; load it in float32"
+        return (
+            "the model runs in float32, so this is not a precision overflow: its weights or its chat template produce "
+            "NaN/inf (a diverged checkpoint?); check the checkpoint against its base"
+        )
+
+    def __init__(self, n: int, n_layers: int, n_pos: int, d: int, keep: bool, dtype: Any = None):
+        self.dtype = dtype  # the model's compute dtype: the advice on NaN depends on it
         self.sum = torch.zeros(n_layers, n_pos, d, dtype=torch.float64)
         self.per_prompt = torch.empty(n, n_layers, n_pos, d, dtype=torch.float32) if keep else None
 
@@ -106,8 +114,7 @@ class _Accumulator:
             if not bool(finite.all()):
                 bad = index[int((~finite).nonzero()[0])]
                 raise UserError(
-                    f"non-finite (NaN/inf) activation at layer {layer} for prompt {bad}: "
-                    "load the model in float32 (dtype=torch.float32) instead of float16/bfloat16"
+                    f"non-finite (NaN/inf) activation at layer {layer} for prompt {bad}: {self.advice()}"
                 )
             self.sum[layer] += act.sum(0)
             if self.per_prompt is not None:
@@ -143,7 +150,7 @@ def capture(
         raise UserError(
             f"{type(model).__name__}: its config names no hidden_size; this architecture is not supported"
         )
-    acc = _Accumulator(len(prompts), len(layers), n_pos, d, keep)
+    acc = _Accumulator(len(prompts), len(layers), n_pos, d, keep, dtype=_compute_dtype(model))
     batches = length_sorted_batches(ids, batch_size)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     run = _run_hooks if backend == "hooks" else _run_transformer_lens
@@ -159,6 +166,13 @@ def capture(
     mean = acc.sum / len(prompts)
     assert mean.shape == (len(layers), n_pos, d) and mean.dtype == torch.float64
     return Activations(mean=mean, n=len(prompts), positions=list(range(-n_pos, 0)), per_prompt=acc.per_prompt)
+
+
+def _compute_dtype(model: Any) -> Any:
+    try:
+        return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    except (StopIteration, AttributeError, TypeError):
+        return None
 
 
 def _run_hooks(model, tokenizer, ids, batches, layers, n_pos):
@@ -183,7 +197,7 @@ def _run_hooks(model, tokenizer, ids, batches, layers, n_pos):
 
 
 @contextlib.contextmanager
-def _restored(model: torch.nn.Module) -> Iterator[None]:
+def _restored(model: Any) -> Iterator[None]:
     """Undo what booting a TransformerBridge does to the caller's model: it swaps submodules and attention kernel."""
     children = [(m, dict(m._modules)) for m in model.modules()]
     attn = getattr(model.config, "_attn_implementation", None)

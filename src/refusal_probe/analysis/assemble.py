@@ -1,0 +1,191 @@
+"""Joining the cached measurements into tables, correlations, figures, summary.json and the report (no model is
+loaded here). Outputs of an earlier run into the same folder that this run does not write (``--no-deltas``: the
+weight-delta tables and plots) are removed, so nothing stale sits beside the current results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from refusal_probe.analysis.behaviour import signatures
+
+# every table analyze may write; one not written by this run is stale
+TABLES = (
+    "drift",
+    "weight_deltas",
+    "behaviour",
+    "direction_candidates",
+    "checkpoints",
+    "correlations",
+)
+HOW = {
+    "layer": "residual stream entering decoder block l (resid_pre)",
+    "positions": "post-instruction tokens of the model's own chat template (negative offsets)",
+    "direction": "difference of means, harmful - harmless, float64",
+    "cos_to_base": "cosine of checkpoint's direction with the base's at the same layer and chosen position",
+    "proj_*": "mean projection of activations on the base's chosen unit refusal direction",
+    "probe_acc": "held-out accuracy of a standardised logistic-regression probe (25% test split)",
+    "diffmean_acc": "held-out accuracy of the difference-of-means projection thresholded at the class midpoint",
+    "delta_fro": "Frobenius norm of W_ckpt - W_base (LoRA: from factors, r x r Gram form), float64",
+    "delta_along_refusal": "norm of r_hat^T dW for modules writing to the residual stream (o_proj, down_proj)",
+}
+
+
+def ref_key(c) -> tuple[str | None, str]:
+    """Runs share a base reference when they share the base model and its precision (QLoRA: the 4-bit base)."""
+    return (c.base, c.quant.tag if c.quant else "")
+
+
+def ref_name(key: tuple[str | None, str]) -> str:
+    return f"{key[0]} ({key[1]})" if key[1] else str(key[0])
+
+
+def tag(c, rows: list[dict]) -> list[dict]:
+    meta = {
+        "run": c.run,
+        "checkpoint": c.name,
+        "method": c.method,
+        "lr": c.lr,
+        "step": 0 if c.kind == "base" else c.step,
+        "fraction": c.fraction,
+    }
+    return [{**meta, "module": r.get("module", ""), **r} for r in rows]
+
+
+def _previous_outputs(out: Path) -> set[str]:
+    """File names an earlier analyze run listed in its summary.json (tables and figures)."""
+    try:
+        prev = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(prev, dict):
+        return set()
+    names = [*prev.get("tables", []), *prev.get("figures", [])]
+    return {n for n in names if isinstance(n, str) and "/" not in n and "\\" not in n}
+
+
+def remove_stale(out: Path, written: set[str], previous: set[str]) -> list[str]:
+    """Delete outputs of an earlier run that this run did not write; return their names."""
+    stale = set(previous)
+    stale |= {f"{t}.{ext}" for t in TABLES for ext in ("csv", "parquet")}
+    removed = []
+    for name in sorted(stale - written):
+        path = out / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    if removed:
+        print(
+            f"removed {len(removed)} output(s) of an earlier run not written now: {', '.join(removed)}",
+            file=sys.stderr,
+        )
+    return removed
+
+
+def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, notes, elapsed) -> Path:
+    """Tables, correlations, plots, summary.json and the report from the base references and checkpoint entries."""
+    import pandas as pd
+
+    from refusal_probe.analysis import correlate, plots, report, tables
+
+    previous = _previous_outputs(out)
+    drift_rows: list[dict] = []
+    delta_rows: list[dict] = []
+    for c in tree:
+        ref = refs[ref_key(c)]
+        if c.kind == "base":
+            drift_rows += tag(c, ref.rows)
+            continue
+        entry = entries[c.key]
+        drift_rows += tag(c, entry["drift"])
+        delta_rows += tag(c, entry["deltas"])
+
+    drift = pd.DataFrame(drift_rows)
+    deltas = pd.DataFrame(delta_rows)
+    written = tables.write_table(drift, out, "drift") + (
+        tables.write_table(deltas, out, "weight_deltas") if len(deltas) else []
+    )
+    if len(beh):
+        written += tables.write_table(beh, out, "behaviour")
+    direction_rows = []
+    for key, ref in refs.items():
+        cand = ref.result.scores.copy()
+        cand.insert(0, "base", ref_name(key))
+        direction_rows.append(cand)
+    candidates = pd.concat(direction_rows, ignore_index=True)
+    written += tables.write_table(candidates, out, "direction_candidates")
+
+    layers = {c.run: refs[ref_key(c)].result.layer for c in tree}
+    table = tables.checkpoint_table(drift, deltas, beh, layers)
+    written += tables.write_table(table, out, "checkpoints")
+    y_cols = [c for c in ("refusal_rate", "chrf") if c in table.columns]
+    corr = correlate.correlate(table, None, y_cols) if y_cols else pd.DataFrame()
+    per_layer = correlate.per_layer_correlation(drift, beh) if "refusal_rate" in y_cols else None
+    if len(corr):
+        written += tables.write_table(corr, out, "correlations")
+
+    summary: dict[str, Any] = {
+        "format": "refusal-probe/analysis/1",
+        "tree": {"spec": str(spec), "root": str(tree.root) if tree.root else None, **tree.to_json()},
+        "notes": notes,
+        "bases": {
+            ref_name(key): {
+                "refusal_layer": ref.result.layer,
+                "position": ref.result.position,
+                "direction_norm": float(ref.result.direction.norm()),
+                "chosen": ref.result.chosen,
+                "warning": ref.result.warning,
+                "direction_files": str(ref.dir),
+                "direction_cache_key": ref.result.settings.get("cache_key"),
+                "selection_settings": ref.result.settings,
+            }
+            for key, ref in refs.items()
+        },
+        "runs": {
+            c.run: {"base": ref_name(ref_key(c)), "refusal_layer": refs[ref_key(c)].result.layer}
+            for c in tree
+            if c.kind == "base"
+        },
+        "checkpoints": [
+            {
+                "run": c.run,
+                "checkpoint": c.name,
+                "kind": str(getattr(c.kind, "value", c.kind)),
+                "path": str(c.path),
+                "base": c.base,
+                "method": c.method,
+                "lr": c.lr,
+                "step": c.step,
+                "fraction": c.fraction,
+                "meta_source": c.meta_source,
+            }
+            for c in tree
+        ],
+        "settings": settings.key_fields(),
+        "prompts": {k: {"n": len(v), "source": sets.sources[k]} for k, v in sets.prompts.items()},
+        "how": HOW,
+        "behaviour": str(beh_path) if beh_path else None,
+        "signatures": signatures(beh),
+        "elapsed_s": round(elapsed, 1),
+        "tables": [p.name for p in written],
+    }
+    kw: dict[str, Any] = dict(summary=summary, refusal_layer=layers)
+    figures = plots.plot_drift_by_layer(drift, out, "cos_to_base", **kw)
+    figures += plots.plot_drift_by_layer(drift, out, "proj_gap", **kw)
+    if settings.separability:
+        figures += plots.plot_drift_by_layer(drift, out, "probe_acc", **kw)
+    figures += plots.plot_cos_heatmap(drift, out, **kw)
+    if len(deltas):
+        figures += plots.plot_delta_by_layer(deltas, out, summary=summary)
+    figures += plots.plot_method_comparison(drift, deltas, beh, out, **kw)
+    if len(beh):
+        figures += plots.plot_behaviour(beh, table, out, summary=summary)
+    summary["figures"] = [str(Path(f).name) for f in figures]
+    remove_stale(out, {*summary["tables"], *summary["figures"]}, previous)
+    from refusal_probe.core.io import write_json
+
+    write_json(out / "summary.json", summary)
+    report.write_report(out, summary, table, corr, figures, per_layer=per_layer)
+    return out

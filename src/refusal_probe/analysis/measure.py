@@ -1,0 +1,86 @@
+"""What analyze measures in one model: activations on the prompt sets, drift and separability against the base
+reference, and weight deltas (streamed from disk, never merged)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refusal_probe.analysis.settings import AnalyzeSettings
+from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import read_json
+from refusal_probe.probe.prompts import PromptSets
+
+
+def capture_pair(model, tok, sets: PromptSets, settings: AnalyzeSettings, label: str):
+    from refusal_probe.probe.activations import capture
+
+    kw: dict[str, Any] = dict(
+        batch_size=settings.batch_size,
+        keep=settings.separability,
+        backend=settings.backend,
+        progress=settings.progress,
+    )
+    harmful = capture(model, tok, sets["harmful_train"], desc=f"{label}: harmful", **kw)
+    harmless = capture(model, tok, sets["harmless_train"], desc=f"{label}: harmless", **kw)
+    return harmful, harmless
+
+
+def internal_rows(ckpt_dirs, ref_result, harmful, harmless, settings: AnalyzeSettings) -> list[dict]:
+    """Drift (vs the base's directions at the chosen position), direction norms and separability per layer."""
+    import torch
+
+    from refusal_probe.probe.drift import drift_rows, separability_rows
+
+    pos = ref_result.position
+    p = harmful.index(pos)
+    rows = drift_rows(ref_result.directions, ckpt_dirs, ref_result.unit, harmful, harmless, pos)
+    norms = torch.linalg.vector_norm(ckpt_dirs[:, p].to(torch.float64), dim=-1)
+    rows += [{"layer": layer, "metric": "dir_norm", "value": float(v)} for layer, v in enumerate(norms)]
+    if settings.separability:
+        rows += separability_rows(harmful, harmless, pos, seed=settings.seed)
+    return rows
+
+
+def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets) -> dict[str, list]:
+    """Drift/separability and weight-delta rows of one fine-tuned checkpoint."""
+    from refusal_probe.models.source import load_model
+    from refusal_probe.probe.drift import directions as diff_of_means
+
+    if ckpt.kind == "full":
+        check_same_shape(ckpt, ref)
+    model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device, quant=ckpt.quant)
+    harmful, harmless = capture_pair(model, tok, sets, settings, label=ckpt.key)
+    del model
+    dirs = diff_of_means(harmful, harmless)
+    if dirs.shape != ref.directions.shape:
+        raise UserError(
+            f"{ckpt.path}: activations have shape {tuple(dirs.shape)} but the base {ref.spec} has "
+            f"{tuple(ref.directions.shape)}; pass the right --base"
+        )
+    drift = internal_rows(dirs, ref.result, harmful, harmless, settings)
+    deltas: list[dict] = []
+    if settings.deltas:
+        from refusal_probe.models.source import resolve_model_dir
+        from refusal_probe.probe.weights import weight_deltas
+
+        if ckpt.base is None:
+            raise UserError(
+                f"{ckpt.path}: its base model is unknown, so weight deltas cannot be taken; pass --base"
+            )
+        # one refusal direction (the base's chosen one) for every layer: how much each update writes into it
+        per_layer = {layer: ref.unit for layer in range(ref.directions.shape[0])}
+        deltas = weight_deltas(ckpt.path, resolve_model_dir(ckpt.base), per_layer, progress=settings.progress)
+    return {"drift": drift, "deltas": deltas}
+
+
+def check_same_shape(ckpt, ref) -> None:
+    """Fail before loading anything when a full checkpoint cannot be a fine-tune of the base."""
+    cfg = read_json(ckpt.path / "config.json")
+    cfg = cfg.get("text_config") or cfg
+    n_layers, _, d = ref.directions.shape
+    got = (cfg.get("num_hidden_layers"), cfg.get("hidden_size"))
+    if None not in got and got != (n_layers, d):
+        raise UserError(
+            f"{ckpt.path}: {got[0]} layers of width {got[1]}, but base {ref.spec} has {n_layers} of width {d}; "
+            "pass the right --base"
+        )
