@@ -1,0 +1,204 @@
+"""Bad-input cases of `analyze` and `directions`: input files, flags, output folders. Each is refused with one line
+that names the file or flag, and (apart from the cases that need a loaded model to know) before any model loads."""
+
+from __future__ import annotations
+
+import fcntl
+
+from badinput import Case, Workspace
+
+FAST = ["--n-prompts", "4", "--n-val", "2", "--layer", "1", "--position", "-1", "--no-progress"]
+DFAST = ["--n-train", "4", "--n-val", "2", "--layer", "1", "--position", "-1", "--search", "full", "--quiet"]
+_HELD: list = []  # lock handles held open for the duration of a case (a "running" analyze)
+
+
+def _analyze(ws: Workspace, *extra) -> list:
+    return ["analyze", ws.run(steps=(1,)), "--out", ws.out, *FAST, *extra]
+
+
+def _directions(ws: Workspace, *extra) -> list:
+    return ["directions", ws.model(), "--out", ws.out, *DFAST, *extra]
+
+
+def _held_lock(ws: Workspace) -> list:
+    """Another analyze holds the output folder's lock while this one starts."""
+    ws.out.mkdir(parents=True, exist_ok=True)
+    handle = open(ws.out / ".lock", "a+")  # noqa: SIM115 - held until the case ends
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD.append(handle)
+    return _analyze(ws)
+
+
+def _prompts(ws: Workspace, n: int, name: str = "harmful.txt") -> str:
+    return str(ws.file(name, "".join(f"How do I do bad thing number {i}?\n" for i in range(n))))
+
+
+BEHAVIOUR_HEADER = "run,method,lr,step,fraction,metric,value,signature\n"
+
+CASES = [
+    # --behaviour FILE, checked before any model loads
+    Case(
+        "analyze-behaviour-missing",
+        lambda ws: _analyze(ws, "--behaviour", ws.path("eval/nope.csv")),
+        ("nope.csv", "not found", "refusal-probe eval"),
+    ),
+    Case(
+        "analyze-behaviour-empty",
+        lambda ws: _analyze(ws, "--behaviour", ws.file("beh.csv", "")),
+        ("beh.csv", "empty"),
+    ),
+    Case(
+        "analyze-behaviour-header-only",
+        lambda ws: _analyze(ws, "--behaviour", ws.file("beh.csv", BEHAVIOUR_HEADER)),
+        ("beh.csv", "no rows"),
+    ),
+    Case(
+        "analyze-behaviour-wrong-columns",
+        lambda ws: _analyze(ws, "--behaviour", ws.file("beh.csv", "a,b\n1,2\n")),
+        ("beh.csv", "lacks columns", "metric"),
+    ),
+    Case(
+        "analyze-behaviour-binary",
+        lambda ws: _analyze(ws, "--behaviour", ws.file("beh.csv", b"\xff\xfe\x00\x01PK\x03\x04" * 8)),
+        ("beh.csv", "cannot read"),
+    ),
+    Case(
+        "analyze-behaviour-a-folder",
+        lambda ws: _analyze(ws, "--behaviour", ws.path("runs")),
+        ("runs", "not a file"),
+    ),
+    # prompt files
+    Case(
+        "analyze-harmful-missing",
+        lambda ws: _analyze(ws, "--harmful", ws.path("nope.txt")),
+        ("nope.txt", "not found"),
+    ),
+    Case(
+        "analyze-harmful-empty",
+        lambda ws: _analyze(ws, "--harmful", ws.file("harmful.txt", "\n \n")),
+        ("harmful.txt", "no prompts"),
+    ),
+    Case(
+        "analyze-harmful-too-few",
+        lambda ws: _analyze(ws, "--harmful", _prompts(ws, 2)),
+        ("harmful.txt", "2 prompts", "at least 4", "--n-prompts"),
+    ),
+    Case(
+        "analyze-harmless-wrong-column",
+        lambda ws: _analyze(ws, "--harmless", ws.file("harmless.csv", "foo,bar\nx,y\n")),
+        ("harmless.csv", "no prompt column", "prompt"),
+    ),
+    Case(
+        "analyze-harmful-not-text",
+        lambda ws: _analyze(ws, "--harmful", ws.file("harmful.txt", b"\xff\xfe\xfa\x00\x81")),
+        ("harmful.txt", "cannot parse"),
+    ),
+    Case(
+        "analyze-harmful-bad-suffix",
+        lambda ws: _analyze(ws, "--harmful", ws.file("harmful.xlsx", b"PK\x03\x04")),
+        ("harmful.xlsx", ".txt, .csv, .json or .jsonl"),
+    ),
+    Case(
+        "analyze-n-val-more-than-bundled",
+        lambda ws: _analyze(ws, "--n-val", "500"),
+        ("--n-val 500", "harmful_val"),
+    ),
+    # flags
+    Case("analyze-n-val-zero", lambda ws: _analyze(ws, "--n-val", "0"), ("--n-val", "at least 1")),
+    Case("analyze-n-prompts-zero", lambda ws: _analyze(ws, "--n-prompts", "0"), ("--n-prompts", "at least")),
+    Case("analyze-batch-size-zero", lambda ws: _analyze(ws, "--batch-size", "0"), ("--batch-size",)),
+    Case("analyze-shard-negative", lambda ws: _analyze(ws, "--shard", "-1/2"), ("--shard", "-1/2")),
+    Case("analyze-shard-past-end", lambda ws: _analyze(ws, "--shard", "2/2"), ("--shard", "0 <= i < n")),
+    Case("analyze-device-banana", lambda ws: _analyze(ws, "--device", "banana"), ("--device", "banana")),
+    Case("analyze-search-unknown", lambda ws: _analyze(ws, "--search", "deep"), ("--search", "deep")),
+    Case("analyze-backend-unknown", lambda ws: _analyze(ws, "--backend", "jax"), ("--backend", "jax")),
+    Case("analyze-position-positive", lambda ws: _analyze(ws, "--position", "2"), ("--position", "negative")),
+    Case("analyze-n-prompts-not-a-number", lambda ws: _analyze(ws, "--n-prompts", "many"), ("n-prompts",)),
+    Case(
+        "analyze-layer-out-of-range", lambda ws: _analyze(ws, "--layer", "99"), ("--layer 99", "out of range")
+    ),
+    # output folders
+    Case(
+        "analyze-out-under-a-file",
+        lambda ws: ["analyze", ws.run(steps=(1,)), "--out", ws.file("notes.txt", "x") / "analysis", *FAST],
+        ("notes.txt", "pass --out DIR"),
+    ),
+    Case(
+        "analyze-out-is-a-file",
+        lambda ws: ["analyze", ws.run(steps=(1,)), "--out", ws.file("result.txt", "x"), *FAST],
+        ("result.txt", "--out"),
+    ),
+    Case(
+        "analyze-out-inside-checkpoint",
+        lambda ws: [
+            "analyze",
+            ws.run(steps=(1,)),
+            "--out",
+            ws.path("runs/full-lr1e-4/checkpoint-1/analysis"),
+            *FAST,
+        ],
+        ("checkpoint-1", "never written"),
+    ),
+    Case("analyze-output-locked", _held_lock, ("another analyze run", "--out DIR")),
+    # directions
+    Case(
+        "directions-n-train-zero", lambda ws: _directions(ws, "--n-train", "0"), ("--n-train", "at least 1")
+    ),
+    Case("directions-n-val-zero", lambda ws: _directions(ws, "--n-val", "0"), ("--n-val", "at least 1")),
+    Case("directions-batch-size-zero", lambda ws: _directions(ws, "--batch-size", "0"), ("--batch-size",)),
+    Case(
+        "directions-device-banana", lambda ws: _directions(ws, "--device", "banana"), ("--device", "banana")
+    ),
+    Case(
+        "directions-max-layer-fraction",
+        lambda ws: _directions(ws, "--max-layer-fraction", "1.5"),
+        ("--max-layer-fraction", "(0, 1]"),
+    ),
+    Case(
+        "directions-validate-set-unknown",
+        lambda ws: _directions(ws, "--validate-set", "mine"),
+        ("--validate-set", "mine"),
+    ),
+    Case(
+        "directions-harmful-too-few",
+        lambda ws: _directions(ws, "--harmful", _prompts(ws, 3)),
+        ("harmful.txt", "3 prompts", "at least 4", "--n-train"),
+    ),
+    Case(
+        "directions-harmless-missing",
+        lambda ws: _directions(ws, "--harmless", ws.path("nope.jsonl")),
+        ("nope.jsonl", "not found"),
+    ),
+    Case(
+        "directions-harmful-wrong-column",
+        lambda ws: _directions(ws, "--harmful", ws.file("h.json", '[{"q": "x"}]')),
+        ("h.json", "no prompt column"),
+    ),
+    Case(
+        "directions-refusal-tokens-empty",
+        lambda ws: _directions(ws, "--refusal-tokens", " , "),
+        ("--refusal-tokens",),
+    ),
+    Case(
+        "directions-missing-model",
+        lambda ws: ["directions", "./nope/model", "--out", ws.out, *DFAST],
+        ("./nope/model", "no such"),
+    ),
+    Case(
+        "directions-out-is-a-file",
+        lambda ws: ["directions", ws.model(), "--out", ws.file("d.txt", "x"), *DFAST],
+        ("d.txt", "--out"),
+    ),
+    Case(
+        "directions-out-under-a-file",
+        lambda ws: ["directions", ws.model(), "--out", ws.file("d.txt", "x") / "sub", *DFAST],
+        ("d.txt", "pass --out DIR"),
+    ),
+    Case("directions-position-positive", lambda ws: _directions(ws, "--position", "1"), ("--position",)),
+    Case(
+        "directions-layer-out-of-range",
+        lambda ws: _directions(ws, "--layer", "42"),
+        ("--layer 42", "out of range"),
+    ),
+    Case("directions-dtype-unknown", lambda ws: _directions(ws, "--dtype", "int8"), ("--dtype", "int8")),
+]
