@@ -20,7 +20,7 @@ def safe_filename(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._")[:80] or "model"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then rename tmp over ``path`` (same directory, so the rename is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,11 +73,13 @@ def read_json(path: str | os.PathLike) -> Any:
 OUTPUT_MARKER = ".refusal-probe-output"  # tree discovery skips folders holding it: outputs are never inputs
 
 
-def prepare_output(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create ``path`` (and its marker) and prove it writable, before any model is loaded.
+def prepare_output(path: str | os.PathLike, flag: str = "--out", marker: bool = True) -> Path:
+    """Create ``path`` (with the output marker unless ``marker=False``) and prove it writable, before any model is
+    loaded.
 
     An unwritable default inside a read-only tree is found here, with the flag that fixes it, instead of as an
-    internal error after an hour of work.
+    internal error after an hour of work. ``train`` passes ``marker=False``: its --out is the very tree that eval and
+    analyze read, so it must not be marked as an output.
     """
     path = Path(path).expanduser()
     try:
@@ -85,9 +87,9 @@ def prepare_output(path: str | os.PathLike, flag: str = "--out") -> Path:
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
         os.close(fd)
         os.unlink(probe)
-        marker = path / OUTPUT_MARKER
-        if not marker.exists():
-            marker.write_text("refusal-probe writes here; checkpoint discovery skips this folder\n")
+        mark = path / OUTPUT_MARKER
+        if marker and not mark.exists():
+            mark.write_text("refusal-probe writes here; checkpoint discovery skips this folder\n")
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise UserError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,26 +160,6 @@ def _model_at_root(folder: Path) -> str | None:
     if is_model_dir(folder):
         return "holds a model (config.json and weights)"
     return None
-
-
-def check_writable(out_dir: Path) -> Path:
-    """Create ``out_dir`` and prove it writable before any model is loaded.
-
-    Not ``core.io.prepare_output``: that marks the folder as an output, and discovery then refuses it, whereas a train
-    --out is the very tree that eval and analyze read.
-    """
-    out_dir = Path(out_dir).expanduser()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise UserError(
-            f"--out {out_dir}: cannot write there ({reason}); pass --out DIR with a writable folder"
-        ) from None
-    return out_dir
 
 
 def drop_unfinished_checkpoints(run_dir: Path) -> None:

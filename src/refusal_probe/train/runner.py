@@ -13,6 +13,7 @@ import platform
 import time
 from pathlib import Path
 
+from refusal_probe.core.io import prepare_output
 from refusal_probe.models.manifest import RunManifest
 from refusal_probe.train import lifecycle
 from refusal_probe.train.base import base_dir_for, base_revision, load_for_training, resolve_hardware
@@ -40,7 +41,7 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
     if plan.status == lifecycle.COMPLETE:
         print(f"{run_dir}: complete, skipped")
         return run_dir
-    lifecycle.check_writable(out_dir)
+    prepare_output(out_dir, marker=False)
     base_dir = base_dir_for(config)
     lifecycle.drop_unfinished_checkpoints(run_dir)
     revision = base_revision(config.model, base_dir)

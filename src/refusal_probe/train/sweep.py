@@ -142,11 +142,11 @@ def preflight(sweep: Sweep, runs: list[PlannedRun]) -> None:
 
 def run_sweep(sweep: Sweep, runs: list[PlannedRun], accelerate: bool = False) -> list[Path]:
     """Train each run in turn (in this process, or through `accelerate launch` for several GPUs)."""
-    from refusal_probe.train.lifecycle import check_writable
+    from refusal_probe.core.io import prepare_output
     from refusal_probe.train.runner import train
 
     preflight(sweep, runs)
-    check_writable(sweep.out)
+    prepare_output(sweep.out, marker=False)
     done = []
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name}: {status_line(sweep, run)}", flush=True)
