@@ -24,7 +24,7 @@ RANKS = {
     "models": 2,  # sources, embedded, tree discovery, manifest, quantization
     "evaluate": 3,  # judges, chrF, score, eval pipeline
     "probe": 4,  # activations, directions, drift, hooks, weights, validate
-    "train": 5,  # methods, callbacks, sweep
+    "train": 5,  # lifecycle, sft, dpo, callbacks, sweep
     "analysis": 6,  # join, correlate, plots, report, analyze pipeline
     "cli": 7,
     "demo": 7,
