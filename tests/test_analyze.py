@@ -191,6 +191,12 @@ def test_rerun_recomputes_only_what_changed(tree, analysed, tiny_llama):
     after = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
     assert {p: m for p, m in after.items() if "base" in p.relative_to(out / "cache").parts} == base_files
     assert len(after) > len(entries)  # new checkpoint entries, keyed on the deltas setting
+    # and the previous run's delta tables and plots are not left beside the new results as if current
+    assert not (out / "weight_deltas.csv").exists() and not (out / "weight_deltas.parquet").exists()
+    assert not list(out.glob("delta_by_layer*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert "weight_deltas.csv" not in summary["tables"]
+    assert all((out / name).is_file() for name in summary["tables"] + summary["figures"])
 
 
 @pytest.mark.parametrize(
@@ -208,3 +214,72 @@ def test_bad_input_is_one_line_error(tree, tmp_path, capsys, argv, fragment):
     assert main([*argv, "--out", str(tmp_path / "o"), *ARGS]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and "\n" not in err and "Traceback" not in err
+
+
+def test_corrupt_cache_entries_are_named_and_recomputed(tree, analysed, capsys):
+    out, _ = analysed
+    assert main(["analyze", str(tree), *ARGS]) == 0  # the full settings' entries exist
+    drift = (out / "drift.csv").read_text()
+    entry = next(p for p in (out / "cache" / "checkpoints").rglob("*.json") if "checkpoint-2" in p.name)
+    entry.write_text('{"format": "refusal-probe/analysis-cache/3", "drift": [')
+    tensors = next((out / "cache" / "base").rglob("directions.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["analyze", str(tree), *ARGS]) == 0
+    err = capsys.readouterr().err
+    assert f"cache entry {entry} is corrupt" in err and "recomputing" in err
+    assert f"cache entry {tensors.parent} is corrupt" in err
+    assert json.loads(entry.read_text())["drift"]  # rewritten whole
+    assert (out / "drift.csv").read_text() == drift  # the same numbers as before
+
+
+def test_tree_messages_and_skipped_folders_reach_terminal_and_summary(tree, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tree / "full-lr1e-04", runs / "full-lr1e-04")
+    (runs / "scratch-notes").mkdir()
+    (runs / "scratch-notes" / "todo.txt").write_text("not a run")
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(runs), "--out", str(out), *ARGS, "--no-deltas", "--no-separability"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and "scratch-notes" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [Path(s["path"]).name for s in summary["tree"]["skipped"]] == ["scratch-notes"]
+    assert summary["tree"]["skipped"][0]["reason"]
+    assert "scratch-notes" in (out / "report.md").read_text()
+
+
+def test_one_direction_cache_for_directions_and_analyze(tiny_llama, tree, tmp_path, capsys, monkeypatch):
+    """`directions` then `analyze` with the matching settings: the candidate scores are computed once, and the
+    other way round."""
+    run = tree / "full-lr1e-04"
+    directions = ["--n-train", "12", "--n-val", "6", "--batch-size", "4", "--quiet"]
+    fast = [*ARGS, "--no-deltas", "--no-separability"]
+    for first in ("directions", "analyze"):
+        cache = tmp_path / f"cache-{first}"
+        monkeypatch.setenv("REFUSAL_PROBE_CACHE", str(cache))
+        d_out, a_out = tmp_path / f"d-{first}", tmp_path / f"a-{first}"
+        steps = [
+            ["directions", str(tiny_llama), "--out", str(d_out), *directions],
+            ["analyze", str(run), "--out", str(a_out), *fast],
+        ]
+        if first == "analyze":
+            steps.reverse()
+        assert main(steps[0]) == 0
+        (entry,) = (cache / "directions").iterdir()
+        stamps = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+        capsys.readouterr()
+        assert main(steps[1]) == 0
+        assert f"reusing the candidate scores in {entry}" in capsys.readouterr().out
+        assert [p.name for p in (cache / "directions").iterdir()] == [entry.name]
+        assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == stamps  # not recomputed
+        ours = pd.read_csv(d_out / "candidates.csv")
+        theirs = pd.read_csv(a_out / "direction_candidates.csv").drop(columns="base")
+        scored = ours["ablation_score"].notna()
+        assert scored.sum() > 0
+        pd.testing.assert_frame_equal(ours, theirs[list(ours.columns)], check_dtype=False)
+        meta = json.loads((d_out / "direction.json").read_text())
+        summary = json.loads((a_out / "summary.json").read_text())
+        (base,) = summary["bases"].values()
+        assert (base["refusal_layer"], base["position"]) == (meta["layer"], meta["position"])
