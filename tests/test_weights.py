@@ -318,3 +318,25 @@ def test_gpt2_conv1d_weights_use_their_output_axis(tmp_path):
             "delta_along_refusal",
         ) not in got
     assert (-1, "wte", "delta_fro") in got  # lm_head is tied to wte and not saved
+
+
+@pytest.mark.parametrize("out_axis", [0, 1])
+def test_streamed_delta_is_the_dense_math_over_any_chunking(out_axis):
+    """The accumulation full_deltas runs (measures.StreamedDelta) equals the dense reference functions, whatever
+    the row chunks."""
+    from refusal_probe.probe import measures as pm
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(37, 29, generator=g, dtype=torch.float32)
+    new = base + 1e-3 * torch.randn(37, 29, generator=g, dtype=torch.float32)
+    r_hat = unit(torch.randn(base.shape[out_axis], generator=g, dtype=torch.float64))
+    dense = new.double() - base.double()
+    for rows in (1, 5, 37):
+        acc = pm.StreamedDelta(r_hat, out_axis)
+        for start in range(0, base.shape[0], rows):
+            acc.add(start, base[start : start + rows], new[start : start + rows])
+        assert acc.delta_sq == pytest.approx(float((dense**2).sum()), rel=1e-12)
+        assert acc.delta_sq == pytest.approx(pm.difference_frobenius(new, base) ** 2, rel=1e-12)
+        assert acc.base_sq == pytest.approx(pm.sum_of_squares(base), rel=1e-12)
+        assert acc.along == pytest.approx(pm.dense_delta_along(dense, r_hat, out_axis), rel=1e-10)
+    assert pm.StreamedDelta().along is None
