@@ -8,9 +8,11 @@ where the fraction is unknown) on one sequential colour map; the base model is d
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -33,7 +35,12 @@ METHOD_COLORS = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:cyan", "dp
 UNKNOWN_COLOR = "tab:gray"
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
-RC = {"svg.hashsalt": "refusal-probe", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9}
+RC: dict[Any, Any] = {
+    "svg.hashsalt": "refusal-probe",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+}
 SAVE_METADATA = {"png": {"Software": "refusal-probe (matplotlib)"}, "svg": {"Date": None}}
 PNG_DPI = 150
 
@@ -133,7 +140,7 @@ def _run_layout(df: pd.DataFrame) -> tuple[int, int, dict[str, int]]:
 
 def _run_panels(
     df: pd.DataFrame, *, sharey: bool, panel: tuple[float, float] = (4.4, 3.3)
-) -> tuple[Figure, dict[str, object], set[str]]:
+) -> tuple[Figure, dict[str, Any], set[str]]:
     """A figure with one panel per run; returns it, run -> axes, and the runs whose panel starts a row."""
     nrows, ncols, slots = _run_layout(df)
     fig = Figure(figsize=(panel[0] * ncols + 1.2, panel[1] * nrows + 1.0), layout="constrained")
@@ -216,11 +223,11 @@ def _save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     for fmt in ("png", "svg"):
         if fmt == "svg":
             fig.set_layout_engine("none")
-        kw = {"dpi": PNG_DPI} if fmt == "png" else {}
+        kw: dict[str, Any] = {"dpi": PNG_DPI} if fmt == "png" else {}
         paths.append(
             atomic_write(
                 out_dir / f"{stem}.{fmt}",
-                lambda p, fmt=fmt, kw=kw: fig.savefig(p, format=fmt, metadata=SAVE_METADATA[fmt], **kw),
+                functools.partial(fig.savefig, format=fmt, metadata=SAVE_METADATA[fmt], **kw),
             )
         )
     return paths
@@ -358,7 +365,7 @@ def plot_cos_heatmap(
     with matplotlib.rc_context(RC):
         fig, panels, first = _run_panels(d, sharey=False)
         axes = [panels[r] for r in runs]
-        image = None
+        image: Any = None
         for ax, run in zip(axes, runs, strict=True):
             g = d[d["run"] == run]
             grid = g.pivot_table(index="layer", columns="step", values="value", aggfunc="mean").sort_index()
@@ -429,7 +436,7 @@ def plot_delta_by_layer(
     runs = _runs(norms)
     meta = _run_meta(norms)
     kinds = [k for k in ("all modules", "attention", "MLP") if k in set(norms["kind"])]
-    styles = dict(zip(("all modules", "attention", "MLP"), ("-", "--", ":"), strict=True))
+    styles: dict[str, Any] = dict(zip(("all modules", "attention", "MLP"), ("-", "--", ":"), strict=True))
     positive = norms["value"][norms["value"] > 0]
     log = bool(len(positive)) and float(positive.max() / positive.min()) > 30
     with matplotlib.rc_context(RC):
@@ -531,7 +538,7 @@ def plot_method_comparison(
                     ylabel=METRIC_LABELS["cos_to_base"],
                     title="Direction drift at final checkpoint",
                 )
-            elif panel == "delta":
+            elif panel == "delta" and norms is not None:
                 for run, g in norms.groupby("run", sort=True):
                     g = g.sort_values("layer")
                     ax.plot(g["layer"], g["value"], markersize=3, **styles[run])
@@ -575,7 +582,7 @@ def plot_behaviour(
         for ax, metric in zip(axes[: len(metrics)], metrics, strict=True):
             _behaviour_panel(ax, behaviour, metric, styles, "fraction of training (0 = base)")
             ax.grid(alpha=0.3)
-        if scatter:
+        if scatter and checkpoint_table is not None:
             ax = axes[len(metrics)]
             t = checkpoint_table.dropna(subset=["refusal_rate", "cos_to_base_at_rl"])
             base = t[t["step"] == 0]

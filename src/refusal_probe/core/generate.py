@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -136,7 +137,11 @@ class _EarlyExit:
         self.rows: list[int] = []  # batch row -> index into seqs
         self.admitting: list[int] = []  # prompts being prefilled (not in rows yet)
         self.tokens: dict[int, list[int]] = {}
-        self.cache = self.mask = self.last_pos = self.next_tok = None
+        # set together when the first prompts are admitted; None while no row is in flight
+        self.cache: Any = None
+        self.mask: Any = None
+        self.last_pos: Any = None
+        self.next_tok: Any = None
         self.refillable = True
 
     @torch.inference_mode()

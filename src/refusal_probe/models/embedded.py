@@ -167,7 +167,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_source: dict | None = Non
             f"{gguf_path}: transformers cannot load this GGUF file ({exc}); convert it yourself"
         ) from None
     # A dequantised GGUF model still carries its quantizer; saving and training refuse that.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)

@@ -398,7 +398,7 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     dirs = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name) and not _is_output(p)]
     return sorted(
         dirs,
-        key=lambda p: (CHECKPOINT_DIR.match(p.name).group(1), int(CHECKPOINT_DIR.match(p.name).group(2))),
+        key=lambda p: (CHECKPOINT_DIR.match(p.name).group(1), int(CHECKPOINT_DIR.match(p.name).group(2))),  # type: ignore[union-attr]
     )
 
 

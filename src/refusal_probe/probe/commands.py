@@ -102,7 +102,10 @@ def run_directions(args: argparse.Namespace) -> int:
         from refusal_probe.models.source import adapter_base, is_adapter_dir
 
         if is_adapter_dir(model_dir):
-            dirs.append(resolve_model_dir(args.base or adapter_base(model_dir)))
+            base = args.base or adapter_base(model_dir)
+            if base is None:
+                raise UserError(f"{model_dir}: the adapter names no base model; pass --base")
+            dirs.append(resolve_model_dir(base))
         key = direction_cache.selection_key(
             dirs,
             sets.prompts,

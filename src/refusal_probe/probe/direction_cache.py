@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ def _digest(prompts: Sequence[str]) -> str:
 
 def selection_key(
     model_dirs: Sequence[Path],
-    prompts: dict[str, Sequence[str]],
+    prompts: Mapping[str, Sequence[str]],
     refusal_ids: Sequence[int],
     rules: SelectionRules,
     *,

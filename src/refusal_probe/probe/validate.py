@@ -71,7 +71,7 @@ def validate(
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     j = _get_judge(judge)
-    kw = dict(
+    kw: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,
