@@ -64,9 +64,11 @@ def test_end_to_end_with_validation(tiny_llama, tmp_path, capsys):
         (lyr, p) for lyr in range(n_layers) for p in positions
     }
 
-    # the filter rules, row by row
+    # the filter rules, row by row, over real scores: every candidate past layer 0 was scored (full search)
     cutoff = layer_cutoff(n_layers, 0.8)
     assert cutoff == 3
+    scores = df[df.layer > 0][["ablation_score", "steering_score", "kl"]]
+    assert len(scores) and scores.notna().all().all()
     for row in df.itertuples():
         reasons = set(row.filtered_reason.split(";")) - {""}
         if row.layer == 0:

@@ -160,4 +160,11 @@ def test_train_eval_analyze_on_a_real_checkpoint(qwen, tmp_path, all_threads):
     assert fro.min()[2] > 0  # the second one moves every adapted module
     table = pd.read_csv(out / "checkpoints.csv")
     assert "refusal_rate" in table.columns and len(table) == 3
-    assert (out / "report.md").read_text().count("refusal") > 0
+    # the report states the measured numbers, not just a title that always says "refusal"
+    from refusal_probe.analysis.report import fmt
+
+    report = (out / "report.md").read_text()
+    assert f"layer {CHOSEN['layer']}, position {CHOSEN['position']}" in report  # the direction used
+    assert table["refusal_rate"].notna().all() and table["cos_to_base_at_rl"].notna().all()
+    for rate, cos_rl in zip(table["refusal_rate"], table["cos_to_base_at_rl"], strict=True):
+        assert fmt(rate) in report and fmt(cos_rl) in report

@@ -53,9 +53,11 @@ def test_report_has_table_rows_and_figures(analysis):
     text = md.read_text()
     # one table row per checkpoint, with its numbers as the report formats them
     for row in table.itertuples():
-        line = f"| {row.run} | {row.method} | {fmt(row.lr)} | {row.step} | {fmt(row.fraction)} |"
+        line = f"| {row.run} | {row.checkpoint} | {row.method} | {fmt(row.lr)} | {row.step} | {fmt(row.fraction)} |"
         assert line in text, line
-    assert "| full-lr5e-05 | full | 5e-05 | 20 | 1 | 2 | 0.7 |" in text  # cos at layer 2: 1 - 0.4 * 1 * 3/4
+    assert (
+        "| full-lr5e-05 | step-20 | full | 5e-05 | 20 | 1 | 2 | 0.7 |" in text
+    )  # cos at layer 2: 1 - 0.4 * 1 * 3/4
     assert "![Direction drift by layer](figures/drift_cos_to_base_by_layer.png)" in text
     assert "[SVG](figures/behaviour.svg)" in text
     for png in out.glob("figures/*.png"):
@@ -96,7 +98,7 @@ def test_report_without_behaviour_or_figures(tmp_path):
     md = write_report(tmp_path, {}, table, correlate(table), [])
     text = md.read_text()
     assert "No behaviour measurements" in text and "No figures were drawn." in text
-    assert "| lora-lr5e-05 | lora | 5e-05 | 10 |" in text
+    assert "| lora-lr5e-05 | step-10 | lora | 5e-05 | 10 |" in text
     assert (tmp_path / "report.html").exists()
     # the html is well-formed enough for an XML parser once the doctype is dropped
     ET.fromstring((tmp_path / "report.html").read_text().split("\n", 1)[1])

@@ -162,11 +162,23 @@ def _measured(summary: Mapping) -> list[Block]:
         blocks.append(("h", 3, "Judge and metric signatures"))
         blocks.append(("p", "Each score below was computed exactly as its signature says."))
         blocks.append(("code", "\n".join(f"{k}: {v}" for k, v in summary["signatures"].items())))
+    tree = summary.get("tree")
+    if isinstance(tree, Mapping):
+        blocks.append(("h", 3, "Checkpoint tree"))
+        if tree.get("spec"):
+            blocks.append(("p", f"Tree: `{tree['spec']}`"))
+        if tree.get("notes"):
+            blocks.append(("ul", [str(n) for n in tree["notes"]]))
+        skipped = tree.get("skipped") or []
+        if skipped:
+            blocks.append(("p", f"{len(skipped)} folder(s) could not be read as runs and were skipped:"))
+            blocks += _generic(list(skipped))
     meta = summary.get("checkpoints") or summary.get("meta_source")
     if meta:
         blocks.append(("h", 3, "Where each checkpoint's metadata came from"))
         blocks += _generic(meta)
     known = {
+        "tree",
         "bases",
         "runs",
         "prompts",
@@ -224,7 +236,10 @@ def _checkpoints(table: pd.DataFrame | None) -> list[Block]:
     if table is None or not len(table):
         return [*blocks, ("p", "No checkpoints were measured.")]
     blocks.append(
-        ("p", f"{len(table)} rows, one per checkpoint (run, step); the base model is step 0 of each run.")
+        (
+            "p",
+            f"{len(table)} rows, one per checkpoint (run, checkpoint name); the base model is step 0 of each run.",
+        )
     )
     blocks.append(_table(table))
     defs = [
