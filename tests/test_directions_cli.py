@@ -292,3 +292,20 @@ def test_rerun_reuses_scores_and_fresh_recomputes(tiny_llama, tmp_path, capsys):
         == 0
     )
     assert "reusing" not in capsys.readouterr().out
+
+
+def test_corrupt_direction_cache_entry_is_named_and_recomputed(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "dirs"
+    assert main(["directions", str(tiny_llama), "--out", str(out), *FAST]) == 0
+    scores = (out / "candidates.csv").read_text()
+    (entry,) = (tmp_path / "direction-cache" / "directions").iterdir()
+    (entry / "directions.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")  # truncated
+    capsys.readouterr()
+    assert main(["directions", str(tiny_llama), "--out", str(out), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert f"direction cache entry {entry} is corrupt" in captured.err and "recomputing" in captured.err
+    assert "reusing" not in captured.out
+    assert (out / "candidates.csv").read_text() == scores  # the same scores, computed again
+    capsys.readouterr()
+    assert main(["directions", str(tiny_llama), "--out", str(out), *FAST]) == 0
+    assert "reusing the candidate scores" in capsys.readouterr().out  # the entry was stored again, whole

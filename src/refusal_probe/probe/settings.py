@@ -15,6 +15,7 @@ from typing import Any
 
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.settings import Settings, flag, opt
+from refusal_probe.evaluate.judge import JUDGES
 from refusal_probe.probe import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
 
@@ -194,7 +195,7 @@ class DirectionsSettings(PromptSettings):
         "harmless from harmless_val minus the selection sample",
     )
     max_new_tokens: int = opt(64, "tokens generated per answer with --validate")
-    judge: str = opt("keywords", "refusal judge for --validate")
+    judge: str = opt(JUDGES[0], "refusal judge for --validate", JUDGES)
     quiet: bool = opt(False, "no progress bars")
 
     def n_extract(self) -> int:
@@ -218,7 +219,7 @@ class DirectionsSettings(PromptSettings):
         )
         _require(self.max_new_tokens >= 1, "--max-new-tokens", self.max_new_tokens, "must be at least 1")
         _require(self.n_validate >= 1, "--n-validate", self.n_validate, "must be at least 1")
-        for key in ("dtype", "validate_set"):
+        for key in ("dtype", "validate_set", "judge"):
             choices = type(self).field_choices(key) or ()
             _require(
                 getattr(self, key) in choices,

@@ -53,9 +53,9 @@ def validate(
     harmful_prompts: list[str],
     harmless_prompts: list[str],
     *,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    judge: Any = "keywords",
+    max_new_tokens: int,
+    batch_size: int,
+    judge: Any,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Refusal rates on harmful prompts without/with ablation and harmless prompts without/with addition.
