@@ -17,9 +17,7 @@ from refusal_probe.probe.candidates import choose, layer_cutoff
 from refusal_probe.probe.direction_result import DirectionResult
 from refusal_probe.probe.refusal_tokens import refusal_token_ids
 from refusal_probe.probe.scoring import coarse_to_fine, score_candidates
-from refusal_probe.probe.settings import DEFAULT_RULES, SelectionRules
-
-SEARCHES = ("full", "coarse")
+from refusal_probe.probe.settings import DEFAULT_RULES, Search, SelectionRules, resolved_search
 
 
 def sample_prompts(prompts: list[str], n: int | None, seed: int) -> list[str]:
@@ -51,7 +49,7 @@ def select_direction(
     progress: bool = True,
     sources: dict[str, str] | None = None,
     activations: tuple[Any, Any] | None = None,
-    search: str = "full",
+    search: str = Search.FULL.value,
     available: dict[str, int] | None = None,
 ) -> DirectionResult:
     """Difference-of-means candidates on the train prompts, scored and chosen on the held-out ones.
@@ -141,12 +139,11 @@ def select_direction(
         rules=rules,
         progress=progress,
     )
-    if search == "auto":
-        search = "full" if model_device(model).type == "cuda" else "coarse"
-    if search not in SEARCHES:
-        raise UserError(f"unknown search {search!r}: choose one of {', '.join(SEARCHES)}, auto")
+    if search not in Search.values():
+        raise UserError(f"unknown search {search!r}: choose one of {', '.join(Search.values())}")
+    search = resolved_search(search, model_device(model).type)
     settings["search"] = search
-    if only is None and search == "coarse":
+    if only is None and search == Search.COARSE.value:
         scores = coarse_to_fine(
             score, n_layers, n_pos, layer_cutoff(n_layers, rules.max_layer_fraction), rules.top_layers
         )
