@@ -283,3 +283,45 @@ def test_one_direction_cache_for_directions_and_analyze(tiny_llama, tree, tmp_pa
         summary = json.loads((a_out / "summary.json").read_text())
         (base,) = summary["bases"].values()
         assert (base["refusal_layer"], base["position"]) == (meta["layer"], meta["position"])
+
+
+def test_excel_bom_files_are_read(tmp_path):
+    from refusal_probe import data
+    from refusal_probe.analysis.behaviour import load_behaviour
+
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_bytes("\ufeffprompt,other\nHow do I pick a lock?,x\n".encode())
+    assert data.load_prompts(prompts) == ["How do I pick a lock?"]
+    beh = tmp_path / "behaviour.csv"
+    beh.write_bytes("\ufeffrun,checkpoint,step,metric,value\nr,base,0,refusal_rate,0.5\n".encode())
+    df, path = load_behaviour(str(tmp_path / "tree"), beh)
+    assert path == beh and df["run"].tolist() == ["r"] and df["value"].tolist() == [0.5]
+
+
+def test_behaviour_joins_by_name_and_old_files_by_step(tmp_path):
+    from refusal_probe.analysis.behaviour import align_behaviour
+    from refusal_probe.models.tree import Checkpoint
+
+    base = Checkpoint("r", tmp_path / "base", "base", "m", step=0)
+    final = Checkpoint("r", tmp_path / "r", "full", "m", step=None, name="final")
+    ckpt = Checkpoint("r", tmp_path / "r" / "checkpoint-4", "full", "m", step=4, method="full", lr=1e-4)
+    tree = [base, ckpt, final]
+    named = pd.DataFrame(
+        {
+            "run": ["r", "r", "r", "other"],
+            "checkpoint": ["base", "final", "checkpoint-4", "base"],
+            "step": [0, None, 4, 0],
+            "metric": ["refusal_rate"] * 4,
+            "value": [0.9, 0.1, 0.5, 0.3],
+        }
+    )
+    out, notes = align_behaviour(named, tree)
+    assert dict(zip(out["checkpoint"], out["value"], strict=True)) == {
+        "base": 0.9,
+        "final": 0.1,
+        "checkpoint-4": 0.5,
+    }
+    assert out.loc[out["checkpoint"] == "checkpoint-4", "method"].item() == "full"
+    assert len(notes) == 1 and "other" in notes[0]  # rows of another tree are said, not dropped silently
+    old, _ = align_behaviour(named.drop(columns="checkpoint").iloc[[0, 2]], tree)
+    assert dict(zip(old["checkpoint"], old["value"], strict=True)) == {"base": 0.9, "checkpoint-4": 0.5}
