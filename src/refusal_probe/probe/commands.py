@@ -76,7 +76,14 @@ def run_directions(args: argparse.Namespace) -> int:
     import torch
 
     from refusal_probe.core.io import output_lock
-    from refusal_probe.models.source import load_model, model_revision, resolve_model_dir
+    from refusal_probe.models.source import (
+        adapter_base,
+        is_adapter_dir,
+        load_model,
+        looks_local,
+        model_revision,
+        resolve_model_dir,
+    )
     from refusal_probe.probe import direction_cache
     from refusal_probe.probe.prompts import prompt_sets
     from refusal_probe.probe.refusal_tokens import parse_phrases, refusal_token_ids
@@ -85,6 +92,10 @@ def run_directions(args: argparse.Namespace) -> int:
     # every input is checked before a model loads
     sets = prompt_sets(s.n_train, s.n_val, s.seed, s.harmful, s.harmless, n_flag="--n-train")
     phrases = parse_phrases(s.refusal_tokens) if s.refusal_tokens else None
+    if looks_local(
+        args.model
+    ):  # a typo in a path is said before anything is written (a hub id resolves later)
+        resolve_model_dir(args.model)
     out = args.out or default_out(args.model)
     _check_out(out, args.model)
 
@@ -99,8 +110,6 @@ def run_directions(args: argparse.Namespace) -> int:
             revision = None
         model_dir = resolve_model_dir(args.model)
         dirs = [model_dir]
-        from refusal_probe.models.source import adapter_base, is_adapter_dir
-
         if is_adapter_dir(model_dir):
             base = args.base or adapter_base(model_dir)
             if base is None:

@@ -20,7 +20,6 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from refusal_probe.core.hashing import cache_key, model_fingerprint
 from refusal_probe.probe.direction_result import FORMAT, DirectionResult
@@ -121,7 +120,3 @@ def rechoose(saved: DirectionResult, layer: int | None, position: int | None) ->
         n_pos = saved.directions.shape[1]
         saved.direction = saved.directions[saved.layer, n_pos + saved.position].clone()
     return saved
-
-
-def describe(key: str) -> dict[str, Any]:
-    return {"key": key, "folder": str(entry(key))}
