@@ -3,7 +3,9 @@ that `directions` shares) and its drift/separability rows against itself."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,21 @@ def base_reference(
     result.settings["cache_key"] = dkey
     rows = internal_rows(result.directions, result, harmful, harmless, settings)
     del model
-    result.save(folder)
-    write_json(folder / ROWS_JSON, {"format": CACHE_FORMAT, "spec": spec, "rows": rows})
+    _save(folder, result, {"format": CACHE_FORMAT, "spec": spec, "rows": rows})
     return BaseReference(spec, key, folder, result, rows, reused)
+
+
+def _save(folder: Path, result, rows: dict) -> None:
+    """Write the reference whole (a temporary folder renamed into place): shards of an array job that compute the
+    same base side by side never read half of one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        result.save(tmp)
+        write_json(tmp / ROWS_JSON, rows)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another task stored the same reference first: theirs is the same
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
