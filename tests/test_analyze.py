@@ -171,6 +171,7 @@ def test_weight_deltas_match_dense_computation(tiny_llama, tree, analysed):
 def test_rerun_recomputes_only_what_changed(tree, analysed, tiny_llama):
     out, _ = analysed
     entries = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
+    assert len(entries) == 2 + 3  # the shared base (rows.json, direction.json) and three checkpoints
     assert main(["analyze", str(tree), *ARGS]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == entries  # all cached
 
