@@ -135,3 +135,20 @@ def test_chain_on_a_tiny_model_base_against_itself(tiny_llama):
     assert t[2, "proj_gap"] == pytest.approx(float(dirs[2, -1].norm()))
     sep = _table(separability_rows(harmful, harmless, position=-1))
     assert all(0.0 <= v <= 1.0 for v in sep.values()) and len(sep) == 2 * dirs.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_activation_advice_fits_the_model_dtype(tiny_llama, dtype):
+    """NaN activations: a half-precision model is told to load in float32; a float32 model is not."""
+    from refusal_probe.models.source import load_model
+
+    model, tok = load_model(tiny_llama, dtype=dtype)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="non-finite") as err:
+        capture(model, tok, ["Say hi"], progress=False)
+    message = str(err.value)
+    if dtype == torch.float32:
+        assert "load it in float32" not in message and "not a precision overflow" in message
+    else:
+        assert "bfloat16" in message and "load it in float32" in message
