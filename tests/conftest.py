@@ -12,6 +12,30 @@ from refusal_probe.testing.tiny import make_tiny_model
 # Tests on the real embedded model ask for all cores with the `all_threads` fixture.
 torch.set_num_threads(1)
 
+USER_CACHE = os.environ.get("REFUSAL_PROBE_CACHE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests write direction entries and converted models into a temporary cache, never the user's: a later
+    session must not reuse what a test on a random model left. Integration tests ask for ``user_cache``."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REFUSAL_PROBE_CACHE", str(tmp_path_factory.mktemp("refusal-probe-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def user_cache():
+    """The user's cache, where the embedded model is fetched once (about 500 MB) and kept across sessions."""
+    mp = pytest.MonkeyPatch()
+    if USER_CACHE is None:
+        mp.delenv("REFUSAL_PROBE_CACHE", raising=False)
+    else:
+        mp.setenv("REFUSAL_PROBE_CACHE", USER_CACHE)
+    yield
+    mp.undo()
+
 
 @pytest.fixture
 def all_threads():

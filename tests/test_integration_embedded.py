@@ -24,7 +24,7 @@ CHOSEN = json.loads((REPO / "results" / "directions" / MODEL / "direction.json")
 
 
 @pytest.fixture(scope="module")
-def qwen() -> Path:
+def qwen(user_cache) -> Path:
     from refusal_probe.models.source import resolve_model_dir
 
     return resolve_model_dir(MODEL)
