@@ -44,13 +44,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 from refusal_probe.core.errors import UserError
 
-JUDGES = ("keywords", "seed-keywords")
 LABELS = ("refusal", "echo", "degenerate", "comply")
 
 # The default judge's phrases, already in normalised form (lower case, straight apostrophes).
@@ -308,13 +307,20 @@ def default_judge() -> KeywordJudge:
     return KeywordJudge("keywords", KEYWORDS, normalized=True, empty_is_refusal=True)
 
 
+# The judge registry: every name the CLI offers (its choices come from JUDGES) and how to build it.
+JUDGE_FACTORIES: dict[str, Callable[[], KeywordJudge]] = {
+    "keywords": default_judge,
+    "seed-keywords": seed_judge,
+}
+JUDGES: tuple[str, ...] = tuple(JUDGE_FACTORIES)
+
+
 def get_judge(name: str = "keywords") -> KeywordJudge:
     """The judge called ``name`` (one of JUDGES)."""
-    if name == "keywords":
-        return default_judge()
-    if name == "seed-keywords":
-        return seed_judge()
-    raise UserError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}")
+    try:
+        return JUDGE_FACTORIES[name]()
+    except KeyError:
+        raise UserError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}") from None
 
 
 def label_rates(labels: Sequence[str]) -> dict[str, float]:
