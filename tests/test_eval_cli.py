@@ -237,11 +237,17 @@ def test_names_from_run_json_never_leave_out(tiny_llama, tmp_path, capsys):
         RunManifest(run=name, method="full", base_model=str(tiny_llama), total_steps=1, complete=True).save(
             root / folder
         )
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("not a run")  # named on the terminal and in eval.json
     before = {p for p in tmp_path.rglob("*")}
     cli_out = tmp_path / "deep" / "eval-out"
     small = ["--n-advbench", "1", "--n-translation", "0", "--max-new-tokens", "2", "--no-progress"]
     assert main(["eval", str(root), "--out", str(cli_out), *small]) == 0
-    capsys.readouterr()
+    log = capsys.readouterr().out
+    first = log.splitlines()[0]
+    assert first.startswith(f"skipped {root / 'notes'}: ") and "1 folder(s) skipped (see eval.json)" in log
+    skipped = json.loads((cli_out / "eval.json").read_text())["tree"]["skipped"]
+    assert [s["path"] for s in skipped] == [str(root / "notes")]
     new = {p for p in tmp_path.rglob("*")} - before
     assert new and all(p == cli_out or cli_out in p.parents for p in new), sorted(map(str, new))
     assert not Path("/abs/path").exists() and not (tmp_path / "escape").exists()
