@@ -357,7 +357,10 @@ def test_scheduler_and_optimizer_names_come_from_transformers():
     assert build_config(None, {"optim": OptimizerNames.SGD.value}).optim == "sgd"
     with pytest.raises(UserError, match=r"did you mean 'cosine'.*\(--lr-scheduler\)"):
         build_config(None, {"lr_scheduler": "cosin"})
-    with pytest.raises(UserError, match=r"optim='adam'.*adamw_torch.*OptimizerNames\) \(--optim\)"):
+    with pytest.raises(
+        UserError,
+        match=r"optim='adam' is invalid \(did you mean 'adamw_torch'\?\).*OptimizerNames \(--optim\)",
+    ):
         build_config(None, {"optim": "adam"})
 
 

@@ -300,10 +300,14 @@ def _check_name(key: str, value: Any, names: tuple[str, ...], source: str = "") 
     """A value from a closed vocabulary; the message lists the valid names (nearest first) and where they come from."""
     if value in names:
         return
-    near = difflib.get_close_matches(str(value), names, n=1)
-    hint = f"did you mean '{near[0]}'? " if near else ""
-    origin = f" ({source})" if source else ""
-    _check(False, key, value, f"{hint}one of {', '.join(names)}{origin}")
+    text = str(value)
+    near = [n for n in names if n.startswith(text)] or difflib.get_close_matches(text, names, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    origin = f" from {source}" if source else ""
+    raise UserError(
+        f"training setting {key}={value!r} is invalid{hint}; expected one of {', '.join(names)}{origin} "
+        f"({flag(key)})"
+    )
 
 
 def field_names() -> list[str]:
