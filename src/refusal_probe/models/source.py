@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from refusal_probe.core.devices import check_device
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.hashing import sha256_file
 from refusal_probe.core.io import read_json
@@ -199,8 +200,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    check_device(device)
     path = resolve_model_dir(spec)
     if is_adapter_dir(path):
         base_spec = base or adapter_base(path)

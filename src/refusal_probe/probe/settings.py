@@ -7,12 +7,12 @@ dtype) are enums or registries that the CLI's choices come from. ``check()`` nam
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from refusal_probe.core.devices import check_device
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.settings import Settings, flag, opt
 from refusal_probe.evaluate.judge import JUDGES
@@ -84,8 +84,6 @@ VALIDATE_SETS: dict[str, tuple[str, Callable[[], list[str]]]] = {
     "harmful_test": ("bundled:refusal_direction/harmful_test.json", _harmful_test),
 }
 
-_DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
-
 
 @dataclass
 class PromptSettings(Settings):
@@ -137,12 +135,7 @@ class PromptSettings(Settings):
             self.position,
             "must be negative (-P..-1)",
         )
-        _require(
-            bool(_DEVICE.match(self.device)),
-            "--device",
-            self.device,
-            "is not a torch device; use cpu, cuda or cuda:N",
-        )
+        check_device(self.device)
         for key in ("search", "backend"):
             choices = type(self).field_choices(key) or ()
             _require(
