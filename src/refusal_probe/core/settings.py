@@ -164,6 +164,13 @@ class Settings:
             )
             target.add_argument(flag(f.name), metavar=None if "choices" in kw else metavar, **kw)
 
+    def check_choices(self) -> None:
+        """Every field with closed choices holds one of them (a TOML file or Python caller bypasses argparse)."""
+        for key in self.settings_fields():
+            choices = self.field_choices(key)
+            if choices:
+                check_name(key, getattr(self, key), choices, noun=self.NOUN)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
 
@@ -179,6 +186,19 @@ class Settings:
 
 _FIELDS: dict[type, dict[str, dataclasses.Field]] = {}
 _HINTS: dict[type, dict[str, Any]] = {}
+
+
+def check_name(key: str, value: Any, names: Sequence[Any], source: str = "", noun: str = "setting") -> None:
+    """A value from a closed vocabulary; the message names the flag and lists the valid names, nearest first."""
+    if value in names:
+        return
+    text, valid = str(value), [str(n) for n in names]
+    near = [n for n in valid if n.startswith(text)] or difflib.get_close_matches(text, valid, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    origin = f" from {source}" if source else ""
+    raise UserError(
+        f"{noun} {key}={value!r} is invalid{hint}; expected one of {', '.join(valid)}{origin} ({flag(key)})"
+    )
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -102,10 +102,7 @@ class EvalSettings(Settings):
         """Raise UserError naming the flag of the first bad value; return self for chaining."""
         from refusal_probe.data.translation import LANGUAGE_NAMES
 
-        for key in ("judge", "translation_format", "translation_source", "dtype"):
-            choices = self.field_choices(key) or ()
-            if getattr(self, key) not in choices:
-                raise UserError(f"{flag(key)} {getattr(self, key)}: use one of {', '.join(choices)}")
+        self.check_choices()
         if not 0 <= self.n_advbench <= ADVBENCH_SIZE:
             raise UserError(
                 f"--n-advbench {self.n_advbench}: AdvBench has {ADVBENCH_SIZE} prompts; pass 0..{ADVBENCH_SIZE}"

@@ -136,14 +136,7 @@ class PromptSettings(Settings):
             "must be negative (-P..-1)",
         )
         check_device(self.device)
-        for key in ("search", "backend"):
-            choices = type(self).field_choices(key) or ()
-            _require(
-                getattr(self, key) in choices,
-                flag(key),
-                getattr(self, key),
-                f"must be one of {', '.join(choices)}",
-            )
+        self.check_choices()
         return self
 
 
@@ -212,14 +205,7 @@ class DirectionsSettings(PromptSettings):
         )
         _require(self.max_new_tokens >= 1, "--max-new-tokens", self.max_new_tokens, "must be at least 1")
         _require(self.n_validate >= 1, "--n-validate", self.n_validate, "must be at least 1")
-        for key in ("dtype", "validate_set", "judge"):
-            choices = type(self).field_choices(key) or ()
-            _require(
-                getattr(self, key) in choices,
-                flag(key),
-                getattr(self, key),
-                f"must be one of {', '.join(choices)}",
-            )
+
         if self.refusal_tokens is not None:
             from refusal_probe.probe.refusal_tokens import parse_phrases
 

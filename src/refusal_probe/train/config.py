@@ -9,7 +9,6 @@ QLoRA NF4 with double quantisation, DPO beta=0.1 with the sigmoid loss, checkpoi
 from __future__ import annotations
 
 import argparse
-import difflib
 import functools
 from dataclasses import dataclass
 from enum import Enum
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_probe.core.errors import UserError
-from refusal_probe.core.settings import Settings, flag, read_toml
+from refusal_probe.core.settings import Settings, check_name, flag, read_toml
 from refusal_probe.core.settings import opt as _opt
 from refusal_probe.models.manifest import METHODS
 from refusal_probe.models.quant import QUANT_TYPES
@@ -274,12 +273,11 @@ class TrainConfig(Settings):
             self.run_name,
             "a plain folder name",
         )
-        for key in TrainConfig.settings_fields():  # every closed vocabulary, from the field's own choices
-            choices = TrainConfig.field_choices(key)
-            if choices:
-                _check_name(key, getattr(self, key), choices)
-        _check_name("lr_scheduler", self.lr_scheduler, scheduler_names(), "transformers SchedulerType")
-        _check_name("optim", self.optim, optimizer_names(), "transformers OptimizerNames")
+        self.check_choices()  # every closed vocabulary, from the field's own choices
+        check_name(
+            "lr_scheduler", self.lr_scheduler, scheduler_names(), "transformers SchedulerType", self.NOUN
+        )
+        check_name("optim", self.optim, optimizer_names(), "transformers OptimizerNames", self.NOUN)
         return self
 
 
@@ -294,20 +292,6 @@ def default_run_name(method: str, learning_rate: float) -> str:
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise UserError(f"training setting {key}={value!r} is invalid; expected {expected} ({flag(key)})")
-
-
-def _check_name(key: str, value: Any, names: tuple[str, ...], source: str = "") -> None:
-    """A value from a closed vocabulary; the message lists the valid names (nearest first) and where they come from."""
-    if value in names:
-        return
-    text = str(value)
-    near = [n for n in names if n.startswith(text)] or difflib.get_close_matches(text, names, n=1)
-    hint = f" (did you mean '{near[0]}'?)" if near else ""
-    origin = f" from {source}" if source else ""
-    raise UserError(
-        f"training setting {key}={value!r} is invalid{hint}; expected one of {', '.join(names)}{origin} "
-        f"({flag(key)})"
-    )
 
 
 def field_names() -> list[str]:
