@@ -68,6 +68,16 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def cache_root() -> Path:
+    """``$REFUSAL_PROBE_CACHE`` or the platform's user cache dir: converted models, direction entries, locks."""
+    env = os.environ.get("REFUSAL_PROBE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("refusal-probe"))
+
+
 # ------------------------------------------------------------------------------------------------ output folders
 
 OUTPUT_MARKER = ".refusal-probe-output"  # tree discovery skips folders holding it: outputs are never inputs

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.hashing import sha256_file
-from refusal_probe.core.io import read_json, write_json
+from refusal_probe.core.io import cache_root, read_json, write_json
 
 SOURCE_FILE = "refusal_probe_source.json"
 
@@ -70,16 +70,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     )
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-
-
-def cache_root() -> Path:
-    """``$REFUSAL_PROBE_CACHE`` or the platform's user cache dir."""
-    env = os.environ.get("REFUSAL_PROBE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("refusal-probe"))
 
 
 def model_dir(name: str) -> Path:

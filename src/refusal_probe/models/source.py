@@ -14,7 +14,7 @@ from typing import Any
 from refusal_probe.core.devices import check_device
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.hashing import sha256_file
-from refusal_probe.core.io import read_json
+from refusal_probe.core.io import cache_root, read_json
 from refusal_probe.models import embedded
 from refusal_probe.models.handle import ModelHandle
 from refusal_probe.models.quant import QuantSpec
@@ -98,7 +98,7 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
 
 def _gguf_dir(path: Path) -> Path:
     digest = sha256_file(path)
-    out = embedded.cache_root() / "models" / f"gguf-{path.stem}-{digest[:12]}"
+    out = cache_root() / "models" / f"gguf-{path.stem}-{digest[:12]}"
     if not (out / embedded.SOURCE_FILE).is_file():
         embedded.convert_gguf(path, out, {"sha256": digest})
     return out

@@ -22,18 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from refusal_probe.core.hashing import cache_key, model_fingerprint
+from refusal_probe.core.io import cache_root
 from refusal_probe.probe.direction_result import FORMAT, DirectionResult
 from refusal_probe.probe.settings import SelectionRules
 
-CACHE_ENV = "REFUSAL_PROBE_CACHE"
 PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
-
-
-def cache_root() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "refusal-probe"
 
 
 def _digest(prompts: Sequence[str]) -> str:
