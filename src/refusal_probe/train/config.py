@@ -220,6 +220,12 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool = _opt(False, "Recompute activations to save memory. Forced off on CPU.")
     logging_steps: int = _opt(1, "Log the loss every this many steps.")
 
+    # Safety-preserving options, weight space: EMA of parameters, layer freezing, projection off the refusal
+    # direction, safety monitor (fields added here by their implementation)
+
+    # Safety-preserving options, gradients and losses: gradient surgery, EWC, refusal preservation, token
+    # weighting (fields added here by their implementation)
+
     # ---- derived ----
     @property
     def name(self) -> str:
