@@ -222,6 +222,40 @@ class TrainConfig(Settings):
 
     # Safety-preserving options, weight space: EMA of parameters, layer freezing, projection off the refusal
     # direction, safety monitor (fields added here by their implementation)
+    refusal_direction: str | None = _opt(
+        None,
+        "The base model's refusal direction: a folder written by `refusal-probe directions` (direction.json + "
+        "directions.safetensors). Default: the shared direction cache's entry for the base, if any.",
+    )
+    ema_decay: float | None = _opt(
+        None,
+        "Exponential moving average of the trainable parameters (Kim et al. 2025): theta_ema <- D*theta_ema + "
+        "(1-D)*theta after every step; checkpoints hold the averaged weights. Off by default; e.g. 0.99.",
+    )
+    freeze_layers: str | None = _opt(
+        None,
+        "Blocks whose parameters are not trained: a list '3,4,7', a range '10-14', or auto (the refusal "
+        "direction's layer +- --freeze-neighbourhood).",
+    )
+    freeze_neighbourhood: int = _opt(
+        2, "With --freeze-layers auto: freeze the direction's layer +- this many."
+    )
+    project_off_refusal: bool = _opt(
+        False,
+        "After every step remove the update's component along the base refusal direction r from every module "
+        "that writes the residual stream: full W <- W_base + (I - r r^T)(W - W_base); LoRA B <- (I - r r^T) B.",
+    )
+    safety_monitor: bool = _opt(
+        False,
+        "Every --monitor-every steps measure the mean projection of harmful prompts on the base refusal "
+        "direction; below --monitor-tolerance x its start, restore the last good state and lower the lr.",
+    )
+    monitor_every: int = _opt(10, "Steps between two safety-monitor checks.")
+    monitor_tolerance: float = _opt(
+        0.8, "The monitor rolls back when the signal falls below this fraction of its starting value."
+    )
+    monitor_lr_factor: float = _opt(0.5, "The monitor multiplies the learning rate by this at each rollback.")
+    monitor_prompts: int = _opt(16, "Harmful prompts (bundled harmful_val) the monitor measures.")
 
     # Safety-preserving options, gradients and losses: gradient surgery, EWC, refusal preservation, token
     # weighting (fields added here by their implementation)
@@ -279,12 +313,27 @@ class TrainConfig(Settings):
             self.run_name,
             "a plain folder name",
         )
+        self._validate_weight_space()
         self.check_choices()  # every closed vocabulary, from the field's own choices
         check_name(
             "lr_scheduler", self.lr_scheduler, scheduler_names(), "transformers SchedulerType", self.NOUN
         )
         check_name("optim", self.optim, optimizer_names(), "transformers OptimizerNames", self.NOUN)
         return self
+
+    def _validate_weight_space(self) -> None:
+        """Ranges of the weight-space safety options, and the combinations that make no sense."""
+        from refusal_probe.train.safety.freeze import parse_layer_spec
+
+        d = self.ema_decay
+        _check(d is None or 0 < d < 1, "ema_decay", d, "in (0, 1), e.g. 0.99")
+        if self.freeze_layers is not None:
+            parse_layer_spec(self.freeze_layers)  # raises UserError naming the flag
+        _check(self.freeze_neighbourhood >= 0, "freeze_neighbourhood", self.freeze_neighbourhood, ">= 0")
+        _check(self.monitor_every >= 1, "monitor_every", self.monitor_every, "a positive integer")
+        _check(self.monitor_tolerance > 0, "monitor_tolerance", self.monitor_tolerance, "a positive number")
+        _check(0 < self.monitor_lr_factor <= 1, "monitor_lr_factor", self.monitor_lr_factor, "in (0, 1]")
+        _check(self.monitor_prompts >= 1, "monitor_prompts", self.monitor_prompts, "a positive integer")
 
 
 coerce = TrainConfig.coerce
