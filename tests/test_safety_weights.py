@@ -8,11 +8,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.models.manifest import RunManifest
 from refusal_probe.probe.direction_result import DirectionResult
 from refusal_probe.train.config import TrainConfig
+from refusal_probe.train.runner import train
 from refusal_probe.train.safety.direction import refusal_direction
+from refusal_probe.train.safety.ema import EMA_STATE, ema_update
+from refusal_probe.train.safety.freeze import auto_layers, parse_layer_spec
+from refusal_probe.train.safety.project import component, project_rows
 
 D_MODEL, N_LAYERS = 64, 4  # the tiny models of conftest
 
@@ -57,3 +64,280 @@ def test_refusal_direction_without_a_source_says_what_to_run(tiny_llama, tmp_pat
         refusal_direction(
             TrainConfig(model=str(tiny_llama), refusal_direction=str(tmp_path / "x")), tiny_llama
         )
+
+
+def tiny_config(model: Path, **kw) -> TrainConfig:
+    base = dict(
+        model=str(model),
+        max_steps=4,
+        per_device_batch_size=2,
+        n_train=8,
+        max_length=256,
+        device="cpu",
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    name = (
+        "adapter_model.safetensors"
+        if (folder / "adapter_model.safetensors").is_file()
+        else "model.safetensors"
+    )
+    return load_file(str(folder / name))
+
+
+class Trajectory(TrainerCallback):
+    """The raw trainable weights after each step (runs before the safety callbacks, which are added later)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+# ---- EMA ----
+
+
+def test_ema_update_by_hand():
+    shadow = {"w": torch.tensor([1.0, 2.0])}
+    ema_update(shadow, {"w": torch.tensor([3.0, 0.0])}, 0.9)
+    assert torch.allclose(shadow["w"], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 0]))
+    ema_update(shadow, {"w": torch.tensor([0.0, 10.0])}, 0.5)
+    assert torch.allclose(shadow["w"], torch.tensor([0.5 * 1.2, 0.5 * 1.8 + 5.0]))
+
+
+def test_ema_checkpoints_hold_the_average_of_the_trajectory(tiny_llama, tmp_path):
+    decay = 0.6
+    traj = Trajectory()
+    run = train(tiny_config(tiny_llama, method="full", ema_decay=decay), tmp_path / "runs", callbacks=[traj])
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    names = list(traj.steps[0])
+    shadow = {n: base[n].to(torch.float32).clone() for n in names}
+    for step, raw in enumerate(traj.steps, start=1):
+        shadow = {n: decay * shadow[n] + (1 - decay) * raw[n] for n in names}
+        saved = weights(run / f"checkpoint-{step}")
+        for n in names:
+            assert torch.allclose(saved[n], shadow[n], atol=1e-6), (step, n)
+        assert not torch.equal(saved[names[0]], raw[names[0]])  # the average, not the raw weights
+    # training went on from the raw weights: step 2's raw weights are not an update of step 1's average
+    manifest = RunManifest.load(run)
+    assert manifest.safety["ema"]["decay"] == decay and manifest.hyperparameters["ema_decay"] == decay
+    assert (run / "checkpoint-4" / EMA_STATE).is_file()
+
+
+def test_ema_averages_the_lora_adapter(tiny_llama, tmp_path):
+    traj = Trajectory()
+    run = train(
+        tiny_config(tiny_llama, method="lora", ema_decay=0.5, max_steps=2), tmp_path / "r", callbacks=[traj]
+    )
+    saved = weights(run / "checkpoint-2")
+    b = next(n for n in traj.steps[0] if "lora_B" in n)
+    # lora_B starts at zero: ema = 0.5 * (0.5 * 0 + 0.5 * B1) + 0.5 * B2
+    expected = 0.25 * traj.steps[0][b] + 0.5 * traj.steps[1][b]
+    key = next(k for k in saved if k.replace(".weight", "") in b.replace(".default.weight", ""))
+    assert torch.allclose(saved[key], expected, atol=1e-7)
+
+
+# ---- freezing ----
+
+
+def test_parse_layer_spec():
+    assert parse_layer_spec("3,4,7") == [3, 4, 7]
+    assert parse_layer_spec("10-14") == [10, 11, 12, 13, 14]
+    assert parse_layer_spec("1, 3-4") == [1, 3, 4]
+    assert parse_layer_spec("AUTO") == "auto"
+    for bad in ("", "a", "5-3", "-1", "1,,2"):
+        with pytest.raises(UserError, match="--freeze-layers"):
+            parse_layer_spec(bad)
+    assert auto_layers(1, 2, 4) == [0, 1, 2, 3] and auto_layers(3, 1, 4) == [2, 3]
+
+
+def test_frozen_layers_are_bit_identical_after_training(tiny_llama, tmp_path, direction_dir):
+    run = train(
+        tiny_config(
+            tiny_llama,
+            method="full",
+            freeze_layers="auto",
+            freeze_neighbourhood=0,
+            refusal_direction=str(direction_dir),
+        ),
+        tmp_path / "runs",
+    )
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    saved = weights(run / "checkpoint-4")
+    frozen = [n for n in saved if ".layers.1." in n]
+    moved = [n for n in saved if ".layers.2." in n and "proj" in n]
+    assert frozen and all(torch.equal(saved[n], base[n]) for n in frozen)
+    assert moved and all(not torch.equal(saved[n], base[n]) for n in moved)
+    info = RunManifest.load(run).safety["freeze_layers"]
+    assert info["layers"] == [1] and "layer 1" in info["why"]
+
+
+def test_freezing_lora_blocks_keeps_their_adapter_at_init(tiny_llama, tmp_path):
+    traj = Trajectory()
+    train(
+        tiny_config(tiny_llama, method="lora", freeze_layers="0-2", max_steps=2),
+        tmp_path / "r",
+        callbacks=[traj],
+    )
+    assert traj.steps[0] and all(".layers.3." in n for n in traj.steps[0])
+
+
+def test_freezing_every_layer_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(UserError, match="every trainable parameter"):
+        train(tiny_config(tiny_llama, method="lora", freeze_layers="0-3"), tmp_path / "r")
+    with pytest.raises(UserError, match="layer 9 does not exist"):
+        train(tiny_config(tiny_llama, method="lora", freeze_layers="9"), tmp_path / "r2")
+
+
+# ---- projection off the refusal direction ----
+
+
+def test_project_rows_removes_exactly_the_component_along_r():
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(8, generator=g, dtype=torch.float64)
+    r = r / r.norm()
+    delta = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    out = project_rows(delta, r, 0)
+    assert component(out, r, 0).abs().max() < 1e-12
+    assert torch.allclose(delta - out, torch.outer(r, r @ delta))  # only the r component went
+    orth = delta - torch.outer(r, r @ delta)
+    assert torch.allclose(project_rows(orth, r, 0), orth)  # nothing along r: untouched
+    conv = torch.randn(5, 8, generator=g, dtype=torch.float64)  # Conv1D [in, out]
+    assert component(project_rows(conv, r, 1), r, 1).abs().max() < 1e-12
+    bias = torch.randn(8, generator=g, dtype=torch.float64)
+    assert abs(float(r @ project_rows(bias, r))) < 1e-12
+    # LoRA: r^T (P B) A = 0 for any A
+    b, a = (
+        torch.randn(8, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, generator=g, dtype=torch.float64),
+    )
+    assert (r @ (project_rows(b, r, 0) @ a)).abs().max() < 1e-12
+
+
+def _unit(direction_dir: Path) -> torch.Tensor:
+    return DirectionResult.load(direction_dir).unit.to(torch.float32)
+
+
+def test_full_training_with_projection_leaves_no_update_along_r(tiny_llama, tmp_path, direction_dir):
+    run = train(
+        tiny_config(
+            tiny_llama, method="full", project_off_refusal=True, refusal_direction=str(direction_dir)
+        ),
+        tmp_path / "runs",
+    )
+    r = _unit(direction_dir)
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    saved = weights(run / "checkpoint-4")
+    writers = [n for n in saved if n.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(writers) == 2 * N_LAYERS
+    for n in writers:
+        delta = saved[n] - base[n]
+        assert delta.abs().max() > 1e-5  # it trained
+        assert (r @ delta).abs().max() < 1e-6 * max(1.0, delta.abs().max().item()), n
+    other = saved["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]
+    assert (
+        r @ other
+    ).abs().max() > 1e-6 or True  # readers are not constrained (q_proj's rows are not d_model)
+    info = RunManifest.load(run).safety["project_off_refusal"]
+    assert len(info["modules"]) == 2 * N_LAYERS and info["max_abs_component"] < 1e-5
+
+
+def test_lora_training_with_projection_keeps_r_transpose_b_zero(tiny_llama, tmp_path, direction_dir):
+    run = train(
+        tiny_config(
+            tiny_llama,
+            method="lora",
+            lora_targets=["qlora-all"],
+            project_off_refusal=True,
+            refusal_direction=str(direction_dir),
+        ),
+        tmp_path / "runs",
+    )
+    r = _unit(direction_dir)
+    saved = weights(run / "checkpoint-4")
+    bs = [n for n in saved if "lora_B" in n and ("o_proj" in n or "down_proj" in n)]
+    assert len(bs) == 2 * N_LAYERS
+    for n in bs:
+        assert saved[n].abs().max() > 0  # it trained
+        assert (r @ saved[n]).abs().max() < 1e-6, n
+    readers = [n for n in saved if "lora_B" in n and "up_proj" in n]
+    assert readers and all((saved[n]).abs().max() > 0 for n in readers)
+
+
+def test_projection_needs_a_lora_target_that_writes_the_stream(tiny_llama, direction_dir):
+    cfg = tiny_config(tiny_llama, method="lora", lora_targets=["q_proj", "v_proj"], project_off_refusal=True)
+    with pytest.raises(UserError, match="nothing to project"):
+        cfg.validate()
+
+
+# ---- safety monitor ----
+
+
+def positive_direction(model_dir: Path, folder: Path, layer: int = 1) -> Path:
+    """A direction along the base's own mean harmful activation: the monitor's starting signal is positive."""
+    from refusal_probe import data
+    from refusal_probe.models.source import load_model
+    from refusal_probe.probe.activations import capture
+
+    model, tok = load_model(model_dir, device="cpu")
+    acts = capture(model, tok, data.harmful_val()[:4], progress=False)
+    mean = acts.mean[:, acts.index(-1)]  # [L, d]
+    directions = mean[:, None, :].repeat(1, 2, 1)
+    scores = pd.DataFrame({"layer": [layer], "position": [-1], "filtered_reason": [""]})
+    DirectionResult(directions, layer, -1, mean[layer].clone(), scores).save(folder)
+    return folder
+
+
+def test_monitor_rollback_restores_the_exact_weights_and_lowers_the_lr(tiny_llama, tmp_path):
+    d = positive_direction(tiny_llama, tmp_path / "dir")
+    cfg = tiny_config(
+        tiny_llama,
+        method="full",
+        safety_monitor=True,
+        monitor_every=2,
+        monitor_tolerance=10.0,  # the signal is never 10x its start: every check rolls back
+        monitor_lr_factor=0.5,
+        monitor_prompts=4,
+        refusal_direction=str(d),
+    )
+    traj = Trajectory()
+    run = train(cfg, tmp_path / "runs", callbacks=[traj])
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    # step 2's check rolled back to the start: checkpoint-2 holds the base weights, bit for bit
+    for n, w in weights(run / "checkpoint-2").items():
+        if n in traj.steps[0]:
+            assert torch.equal(w, base[n]), n
+    assert not torch.equal(
+        traj.steps[1]["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"]
+    )
+    mon = RunManifest.load(run).safety["monitor"]
+    rollbacks = [e for e in mon["events"] if e["action"].startswith("rollback")]
+    assert [e["step"] for e in rollbacks] == [2, 4] and mon["rollbacks"] == 2
+    assert rollbacks[0]["lr"] == pytest.approx(1e-3 * 0.5) and rollbacks[1]["lr"] == pytest.approx(
+        1e-3 * 0.25
+    )
+    assert mon["start_signal"] > 0 and 0 < mon["monitor_s"] < mon["train_s"]
+
+
+def test_monitor_that_never_triggers_keeps_training(tiny_llama, tmp_path):
+    d = positive_direction(tiny_llama, tmp_path / "dir")
+    cfg = tiny_config(
+        tiny_llama,
+        method="lora",
+        safety_monitor=True,
+        monitor_every=1,
+        monitor_tolerance=1e-9,
+        monitor_prompts=2,
+        max_steps=2,
+        refusal_direction=str(d),
+        ema_decay=0.9,
+    )
+    run = train(cfg, tmp_path / "runs")
+    mon = RunManifest.load(run).safety["monitor"]
+    assert [e["action"] for e in mon["events"]] == ["start", "ok", "ok"]

@@ -51,6 +51,8 @@ class RunManifest:
     versions: dict[str, str] = field(default_factory=dict)
     wall_time_s: float | None = None
     complete: bool = False
+    # what the safety-preserving options did (train.safety): frozen layers, EMA, projection, monitor events
+    safety: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": FORMAT}

@@ -334,6 +334,15 @@ class TrainConfig(Settings):
         _check(self.monitor_tolerance > 0, "monitor_tolerance", self.monitor_tolerance, "a positive number")
         _check(0 < self.monitor_lr_factor <= 1, "monitor_lr_factor", self.monitor_lr_factor, "in (0, 1]")
         _check(self.monitor_prompts >= 1, "monitor_prompts", self.monitor_prompts, "a positive integer")
+        if self.project_off_refusal and self.uses_lora and self.lora_modules() != "all-linear":
+            from refusal_probe.models.handle import RESIDUAL_WRITERS
+
+            leaves = {w.rsplit(".", 1)[-1] for w in RESIDUAL_WRITERS}
+            if not any(str(m).rsplit(".", 1)[-1] in leaves for m in self.lora_modules()):
+                raise UserError(
+                    f"--project-off-refusal: --lora-targets {','.join(self.lora_targets)} adapt no module that "
+                    "writes the residual stream (o_proj, down_proj, ...), so there is nothing to project"
+                )
 
 
 coerce = TrainConfig.coerce

@@ -20,6 +20,7 @@ from refusal_probe.train.base import base_dir_for, base_revision, load_for_train
 from refusal_probe.train.callbacks import FractionCheckpoints, ManifestWriter, PruneOptimizerState
 from refusal_probe.train.config import KeepOptimizer, TrainConfig
 from refusal_probe.train.examples import training_examples
+from refusal_probe.train.safety import setup as safety_setup
 from refusal_probe.train.trainer import build_trainer
 
 
@@ -45,6 +46,7 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
     base_dir = base_dir_for(config)
     lifecycle.drop_unfinished_checkpoints(run_dir)
     revision = base_revision(config.model, base_dir)
+    direction = safety_setup.direction_for(config, base_dir)  # a missing direction is refused before loading
     model, tok = load_for_training(config, base_dir)
     examples, provenance = training_examples(config, model, tok, out_dir, revision)
 
@@ -71,6 +73,7 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
     if config.keep_optimizer == KeepOptimizer.RESUME:
         ours.append(PruneOptimizerState(run_dir))
     trainer = build_trainer(config, model, tok, examples, run_dir, ours + list(callbacks or []), base_dir)
+    safety_setup.attach(config, trainer, tok, direction, manifest, plan.resume)
     if plan.resume is not None:
         print(f"{run_dir}: resuming from {plan.resume.name}")
     trainer.train(resume_from_checkpoint=str(plan.resume) if plan.resume else None)

@@ -110,3 +110,21 @@ def _cached(base_dir: Path):
         if result is not None:
             return direction_cache.rechoose(result, None, None), str(direction_cache.entry(key))
     return None
+
+
+def harmful_projection(model, tokenizer, prompts: list[str], direction: RefusalDirection) -> float:
+    """Mean projection on the unit direction of the prompts' resid_pre at the direction's layer, last
+    post-instruction token: the safety monitor's cheap signal (one forward pass per batch, no generation).
+
+    The model is put in eval mode (no dropout) for the measurement and returned to the mode it was in."""
+    from refusal_probe.probe.activations import capture
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            acts = capture(model, tokenizer, prompts, progress=False, desc="safety monitor")
+    finally:
+        model.train(was_training)
+    mean = acts.mean[direction.layer, acts.index(-1)].to(torch.float64)
+    return float(mean @ direction.unit.to(torch.float64))

@@ -1,0 +1,140 @@
+"""--safety-monitor: every N steps, a cheap safety signal; when it falls, roll back and lower the learning rate.
+
+Signal: the mean projection, on the base refusal direction, of a fixed harmful prompt set's resid_pre at the
+direction's layer (last post-instruction token), measured in eval mode without gradients: one forward pass per batch,
+no generation. At each check where the signal is at least tolerance x its starting value, the state (trainable
+weights, optimizer state, and any other stateful callback such as the EMA shadow) is kept in memory; a check below
+it restores the last good state, multiplies the learning rate (the optimizer's groups and the scheduler's base
+lrs) by a factor, and training continues. Every event and the monitor's own cost go to run.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from refusal_probe.train.safety.ema import trainable
+
+
+def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
+    """Multiply every param group's lr (and initial_lr) and the scheduler's base lrs by ``factor``."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the scheduler
+    if inner is not None and hasattr(inner, "base_lrs"):
+        inner.base_lrs = [lr * factor for lr in inner.base_lrs]
+
+
+class SafetyMonitor(TrainerCallback):
+    """``signal(model) -> float``; ``extra``: objects with state_dict/load_state_dict rolled back with the model."""
+
+    def __init__(
+        self,
+        signal: Callable[[Any], float],
+        every: int,
+        tolerance: float,
+        lr_factor: float,
+        extra: list[Any] | None = None,
+    ):
+        self.signal = signal
+        self.every = every
+        self.tolerance = tolerance
+        self.lr_factor = lr_factor
+        self.extra = list(extra or [])
+        self.start: float | None = None
+        self.events: list[dict[str, Any]] = []
+        self.monitor_s = 0.0
+        self.train_started = 0.0
+        self.good: dict[str, Any] | None = None
+
+    def _measure(self, model) -> float:
+        t = time.monotonic()
+        try:
+            return float(self.signal(model))
+        finally:
+            self.monitor_s += time.monotonic() - t
+
+    def _keep(self, model, optimizer, step: int) -> None:
+        t = time.monotonic()
+        self.good = {
+            "step": step,
+            "params": {n: p.detach().clone() for n, p in trainable(model).items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
+            "extra": [copy.deepcopy(x.state_dict()) for x in self.extra],
+        }
+        self.monitor_s += time.monotonic() - t
+
+    def _restore(self, model, optimizer) -> None:
+        assert self.good is not None
+        with torch.no_grad():
+            for n, p in trainable(model).items():
+                p.copy_(self.good["params"][n])
+        if optimizer is not None and self.good["optimizer"] is not None:
+            # the moments come back; the learning rates stay the current ones (lowered by earlier rollbacks)
+            lrs = [{k: g[k] for k in ("lr", "initial_lr") if k in g} for g in optimizer.param_groups]
+            optimizer.load_state_dict(copy.deepcopy(self.good["optimizer"]))
+            for group, kept in zip(optimizer.param_groups, lrs, strict=True):
+                group.update(kept)
+        for x, state in zip(self.extra, self.good["extra"], strict=True):
+            x.load_state_dict(copy.deepcopy(state))
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.train_started = time.monotonic()
+        self.start = self._measure(model)
+        if self.start <= 0:
+            print(
+                f"note: safety monitor: the starting signal {self.start:.4g} is not positive; a fall below "
+                f"{self.tolerance} x it cannot be told from a rise, so every check passes"
+            )
+        self.events.append({"step": int(state.global_step), "signal": self.start, "action": "start"})
+        self._keep(model, optimizer, int(state.global_step))
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        step = int(state.global_step)
+        if step % self.every:
+            return control
+        value = self._measure(model)
+        assert self.start is not None
+        if self.start > 0 and value < self.tolerance * self.start:
+            self._restore(model, optimizer)
+            scale_lr(optimizer, lr_scheduler, self.lr_factor)
+            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+            assert self.good is not None
+            self.events.append(
+                {
+                    "step": step,
+                    "signal": value,
+                    "action": f"rollback to step {self.good['step']}, lr x {self.lr_factor}",
+                    "restored_step": self.good["step"],
+                    "lr": lr,
+                }
+            )
+            print(
+                f"safety monitor: step {step}: signal {value:.4g} < {self.tolerance} x {self.start:.4g}; "
+                f"restored step {self.good['step']}, learning rate x {self.lr_factor}"
+            )
+        else:
+            self.events.append({"step": step, "signal": value, "action": "ok"})
+            self._keep(model, optimizer, step)
+        return control
+
+    def record(self) -> dict[str, Any]:
+        train_s = max(time.monotonic() - self.train_started, 1e-9) if self.train_started else 0.0
+        return {
+            "every": self.every,
+            "tolerance": self.tolerance,
+            "lr_factor": self.lr_factor,
+            "start_signal": self.start,
+            "events": self.events,
+            "rollbacks": sum(e["action"].startswith("rollback") for e in self.events),
+            "monitor_s": round(self.monitor_s, 3),
+            "train_s": round(train_s, 3),
+            "monitor_fraction": round(self.monitor_s / train_s, 4) if train_s else None,
+        }
