@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -259,6 +260,54 @@ class TrainConfig(Settings):
 
     # Safety-preserving options, gradients and losses: gradient surgery, EWC, refusal preservation, token
     # weighting (fields added here by their implementation)
+    safety_prompts: int = _opt(
+        16,
+        "Harmful prompts (bundled harmful_train, disjoint from AdvBench) in the safety batch of --gradient-surgery "
+        "and --ewc, each paired with the base model's own greedy answer (generated once, cached in the run "
+        "folder), and the probe set of --refusal-preservation.",
+    )
+    safety_pairs: str | None = _opt(
+        None,
+        'A JSONL file of {"prompt": ..., "response": ...} lines to use as the safety batch instead of the '
+        "base model's own answers.",
+    )
+    safety_max_new_tokens: int = _opt(
+        64, "Longest base-model refusal generated for the safety batch, in tokens."
+    )
+    gradient_surgery: bool = _opt(
+        False,
+        "Every --surgery-every steps compute the safety gradient g_s (loss on the safety batch) and, where the "
+        "task gradient g conflicts with it (g.g_s < 0), remove the conflict: g <- g - (g.g_s/|g_s|^2) g_s.",
+    )
+    surgery_every: int = _opt(1, "Steps between two gradient-surgery checks (1: every step).")
+    surgery_mode: str = _opt(
+        "global",
+        "global (one dot product over all trainable parameters) or per-tensor (each parameter on its own).",
+        ("global", "per-tensor"),
+    )
+    ewc: float | None = _opt(
+        None,
+        "EWC strength LAMBDA: adds LAMBDA * sum F_i (theta_i - theta_base_i)^2, F the diagonal Fisher of the "
+        "safety loss at the base weights (estimated once on the safety batch, cached). Off by default.",
+    )
+    refusal_preservation: float | None = _opt(
+        None,
+        "Strength LAMBDA of a loss LAMBDA * (p - p_base)^2 keeping the harmful probe set's mean projection p on "
+        "the base refusal direction (its layer's input, last post-instruction token) at its base value.",
+    )
+    token_weighting: bool = _opt(
+        False,
+        "Weight each answer token's loss by a safety score: w = 1 - alpha * max(0, cos(h, r)), h the base "
+        "model's residual (at the refusal direction's layer) where the token is predicted; or --token-weights.",
+    )
+    token_weight_alpha: float = _opt(
+        0.5, "alpha of the built-in token weight, in [0, 1]: w is in [1-alpha, 1]."
+    )
+    token_weights: str | None = _opt(
+        None,
+        'With --token-weighting: a JSONL file of {"index": i, "weights": [...]} lines, one weight >= 0 per '
+        "answer token of training example i (examples without a line keep weight 1).",
+    )
 
     # ---- derived ----
     @property
@@ -314,6 +363,7 @@ class TrainConfig(Settings):
             "a plain folder name",
         )
         self._validate_weight_space()
+        self._validate_gradients_and_losses()
         self.check_choices()  # every closed vocabulary, from the field's own choices
         check_name(
             "lr_scheduler", self.lr_scheduler, scheduler_names(), "transformers SchedulerType", self.NOUN
@@ -343,6 +393,31 @@ class TrainConfig(Settings):
                     f"--project-off-refusal: --lora-targets {','.join(self.lora_targets)} adapt no module that "
                     "writes the residual stream (o_proj, down_proj, ...), so there is nothing to project"
                 )
+
+    def _validate_gradients_and_losses(self) -> None:
+        """Ranges of the gradient/loss safety options and the combinations that make no sense."""
+        _check(
+            0 < self.safety_prompts <= 143, "safety_prompts", self.safety_prompts, "in 1..143 (harmful_train)"
+        )
+        _check(
+            self.safety_max_new_tokens > 0, "safety_max_new_tokens", self.safety_max_new_tokens, "positive"
+        )
+        _check(self.surgery_every > 0, "surgery_every", self.surgery_every, "a positive integer")
+        for key in ("ewc", "refusal_preservation"):
+            value = getattr(self, key)
+            _check(value is None or (value >= 0 and math.isfinite(value)), key, value, "a finite number >= 0")
+        _check(0 <= self.token_weight_alpha <= 1, "token_weight_alpha", self.token_weight_alpha, "in [0, 1]")
+        if self.token_weights is not None and not self.token_weighting:
+            raise UserError("--token-weights FILE needs --token-weighting; add it or drop --token-weights")
+        if self.token_weighting and self.method == "dpo":
+            raise UserError(
+                "--token-weighting weights SFT answer tokens; DPO's loss compares whole answers: drop it or "
+                "use --method full/lora/qlora"
+            )
+        if self.token_weighting and not self.completion_only_loss:
+            raise UserError("--token-weighting weights answer tokens only; keep --completion-only-loss on")
+        if self.safety_pairs is not None and not (self.gradient_surgery or self.ewc):
+            raise UserError("--safety-pairs FILE is used by --gradient-surgery or --ewc; add one or drop it")
 
 
 coerce = TrainConfig.coerce

@@ -23,7 +23,9 @@ def dpo_trainer(
         ref_model, _ = load_model(
             base_dir or model.config._name_or_path, dtype=torch_dtype(config), device="cpu"
         )
-    return DPOTrainer(
+    from refusal_probe.train.safety.gradients import with_gradient_options
+
+    return with_gradient_options(DPOTrainer)(
         model=model,
         ref_model=ref_model,
         args=args,

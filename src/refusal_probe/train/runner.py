@@ -21,6 +21,7 @@ from refusal_probe.train.callbacks import FractionCheckpoints, ManifestWriter, P
 from refusal_probe.train.config import KeepOptimizer, TrainConfig
 from refusal_probe.train.examples import training_examples
 from refusal_probe.train.safety import setup as safety_setup
+from refusal_probe.train.safety.gradients import build_gradient_options, wants_gradient_options
 from refusal_probe.train.trainer import build_trainer
 
 
@@ -73,6 +74,8 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
     if config.keep_optimizer == KeepOptimizer.RESUME:
         ours.append(PruneOptimizerState(run_dir))
     trainer = build_trainer(config, model, tok, examples, run_dir, ours + list(callbacks or []), base_dir)
+    if wants_gradient_options(config):  # built on the base weights, before a resume loads a checkpoint's
+        trainer.gradient_options = build_gradient_options(config, trainer, tok, run_dir, revision, base_dir)
     safety_setup.attach(config, trainer, tok, direction, manifest, plan.resume)
     if plan.resume is not None:
         print(f"{run_dir}: resuming from {plan.resume.name}")
@@ -83,6 +86,8 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
         raise RuntimeError(f"{run_dir}: training ended without checkpoints at steps {missing}")
     manifest.wall_time_s = writer.wall_time()
     manifest.complete = True
+    if getattr(trainer, "gradient_options", None) is not None:
+        manifest.safety.update(trainer.gradient_options.to_json())
     if trainer.is_world_process_zero():
         if config.keep_optimizer == KeepOptimizer.RESUME:
             lifecycle.prune_resume_state(run_dir)

@@ -15,7 +15,9 @@ def sft_trainer(config: TrainConfig, model, tok, dataset, run_dir: Path, callbac
     args = SFTConfig(
         **common_args(config, run_dir), completion_only_loss=config.completion_only_loss, packing=False
     )
-    trainer = SFTTrainer(
+    from refusal_probe.train.safety.gradients import with_gradient_options
+
+    trainer = with_gradient_options(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=dataset,
