@@ -221,9 +221,8 @@ def plain_tree(tmp_path_factory, tiny_llama) -> Path:
 def test_step_folders_and_plain_adapters(plain_tree, tiny_llama):
     tree = discover(plain_tree, base=str(plain_tree / "base-model"))
     got = sorted((c.run, c.name, c.step, c.kind) for c in tree)
+    assert any("base-model: the base of runs" in note for note in tree.notes)  # the --base beside the runs
     assert got == [
-        ("base-model", "base", 0, "base"),
-        ("base-model", "base-model", None, "full"),
         ("custom-full-lr2e-05", "base", 0, "base"),
         ("custom-full-lr2e-05", FINAL, None, "full"),
         ("custom-full-lr2e-05", "step_10", 10, "full"),

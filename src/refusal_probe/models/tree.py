@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -109,6 +109,16 @@ class Tree:
 
     def __getitem__(self, i):
         return self.checkpoints[i]
+
+    def add(self, folder: Path, read: Callable[[], tuple[list[Checkpoint], list[str]]]) -> None:
+        """Add what ``read()`` finds in ``folder``; a folder that cannot be read is kept in ``skipped`` with why."""
+        try:
+            ckpts, notes = read()
+        except UserError as exc:
+            self.skipped.append({"path": str(folder), "reason": str(exc)})
+            return
+        self.checkpoints += ckpts
+        self.notes += notes
 
     def messages(self) -> list[str]:
         """What the terminal should say before any work: notes and every skipped folder."""
@@ -232,30 +242,27 @@ def _single(folder: Path, base: str | None) -> Tree:
 
 
 def _runs(root: Path, base: str | None) -> Tree:
-    """A folder of runs: every child that is a run or a model; the others are named in ``skipped``."""
+    """A folder of runs: every child that is a run or a model; the others are named in ``skipped``.
+
+    A model folder beside the runs that is their base (or the --base itself) is their step 0, not a run of its own.
+    """
     tree = Tree(root, [])
-    alone: list[Path] = []
+    models: list[Path] = []
     for child in sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p)):
-        try:
-            if _is_run(child):
-                ckpts, notes = _run(child, base)
-            elif is_model_dir(child) or is_adapter_dir(child):
-                if not (base or _evident_checkpoint(child)):
-                    alone.append(child)
-                    continue
-                ckpts, notes = _with_base([child], child, base, child.name), []
-            else:
-                tree.skipped.append({"path": str(child), "reason": _why_not_a_run(child)})
-                continue
-        except UserError as exc:
-            tree.skipped.append({"path": str(child), "reason": str(exc)})
-            continue
-        tree.checkpoints += ckpts
-        tree.notes += notes
-    bases = {str(Path(c.path).resolve()) for c in tree.checkpoints if c.kind == Kind.BASE}
-    for child in alone:
-        if str(child.resolve()) in bases:
+        if not _is_run(child) and (is_model_dir(child) or is_adapter_dir(child)):
+            models.append(child)
+        elif _is_run(child):
+            tree.add(child, lambda c=child: _run(c, base))
+        else:
+            tree.skipped.append({"path": str(child), "reason": _why_not_a_run(child)})
+    bases = {Path(c.path).resolve() for c in tree.checkpoints if c.kind == Kind.BASE}
+    if base and Path(base).expanduser().exists():
+        bases.add(Path(base).expanduser().resolve())
+    for child in models:
+        if child.resolve() in bases:
             tree.notes.append(f"{child}: the base of runs in this tree, measured as their step 0")
+        elif base or _evident_checkpoint(child):
+            tree.add(child, lambda c=child: (_with_base([c], c, base, c.name), []))
         else:
             sub = _single(child, None)
             tree.checkpoints += sub.checkpoints
