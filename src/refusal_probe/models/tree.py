@@ -110,10 +110,10 @@ class Tree:
     def __getitem__(self, i):
         return self.checkpoints[i]
 
-    def add(self, folder: Path, read: Callable[[], tuple[list[Checkpoint], list[str]]]) -> None:
-        """Add what ``read()`` finds in ``folder``; a folder that cannot be read is kept in ``skipped`` with why."""
+    def add(self, folder: Path, read: Callable[..., tuple[list[Checkpoint], list[str]]], *args: Any) -> None:
+        """Add what ``read(*args)`` finds in ``folder``; a folder that cannot be read is kept in ``skipped`` with why."""
         try:
-            ckpts, notes = read()
+            ckpts, notes = read(*args)
         except UserError as exc:
             self.skipped.append({"path": str(folder), "reason": str(exc)})
             return
@@ -252,7 +252,7 @@ def _runs(root: Path, base: str | None) -> Tree:
         if not _is_run(child) and (is_model_dir(child) or is_adapter_dir(child)):
             models.append(child)
         elif _is_run(child):
-            tree.add(child, lambda c=child: _run(c, base))
+            tree.add(child, _run, child, base)
         else:
             tree.skipped.append({"path": str(child), "reason": _why_not_a_run(child)})
     bases = {Path(c.path).resolve() for c in tree.checkpoints if c.kind == Kind.BASE}
@@ -262,7 +262,7 @@ def _runs(root: Path, base: str | None) -> Tree:
         if child.resolve() in bases:
             tree.notes.append(f"{child}: the base of runs in this tree, measured as their step 0")
         elif base or _evident_checkpoint(child):
-            tree.add(child, lambda c=child: (_with_base([c], c, base, c.name), []))
+            tree.add(child, _model_run, child, base)
         else:
             sub = _single(child, None)
             tree.checkpoints += sub.checkpoints
@@ -277,6 +277,11 @@ def _runs(root: Path, base: str | None) -> Tree:
 
 
 # ------------------------------------------------------------------------------------------------ one run
+
+
+def _model_run(folder: Path, base: str | None) -> tuple[list[Checkpoint], list[str]]:
+    """A model folder beside the runs, measured against --base or its own metadata."""
+    return _with_base([folder], folder, base, folder.name), []
 
 
 def _run(run_dir: Path, base: str | None) -> tuple[list[Checkpoint], list[str]]:
