@@ -3,6 +3,7 @@ projection off the refusal direction, and the safety monitor's rollback."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from refusal_probe.cli import main
 from refusal_probe.core.errors import UserError
 from refusal_probe.models.manifest import RunManifest
 from refusal_probe.probe.direction_result import DirectionResult
@@ -341,3 +343,45 @@ def test_monitor_that_never_triggers_keeps_training(tiny_llama, tmp_path):
     run = train(cfg, tmp_path / "runs")
     mon = RunManifest.load(run).safety["monitor"]
     assert [e["action"] for e in mon["events"]] == ["start", "ok", "ok"]
+
+
+# ---- `refusal-probe project` after the fact ----
+
+
+def test_project_command_on_a_full_checkpoint(tiny_llama, tmp_path, direction_dir):
+    run = train(tiny_config(tiny_llama, method="full", max_steps=1), tmp_path / "runs")
+    ckpt = run / "checkpoint-1"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    out = tmp_path / "projected"
+    assert main(["project", str(ckpt), "--out", str(out), "--refusal-direction", str(direction_dir)]) == 0
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before  # the user's, untouched
+    r = _unit(direction_dir)
+    base, trained, new = load_file(str(tiny_llama / "model.safetensors")), weights(ckpt), weights(out)
+    for n in new:
+        if n.endswith(("o_proj.weight", "down_proj.weight")):
+            assert (r @ (new[n] - base[n])).abs().max() < 1e-6, n
+            assert (r @ (trained[n] - base[n])).abs().max() > 1e-6  # there was something to remove
+        else:
+            assert torch.equal(new[n], trained[n]), n
+    assert not (out / "optimizer.pt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "projection.json").read_text())["kind"] == "full"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".projected.")]  # no temp folder left
+    # the base came from run.json; the new folder loads as a model
+    from refusal_probe.models.source import load_model
+
+    load_model(out, device="cpu")
+
+
+def test_project_command_on_a_lora_adapter(tiny_llama, tmp_path, direction_dir):
+    run = train(
+        tiny_config(tiny_llama, method="lora", max_steps=1, lora_targets=["qlora-all"]), tmp_path / "r"
+    )
+    out = tmp_path / "projected"
+    argv = ["project", str(run / "checkpoint-1"), "--out", str(out), "--base", str(tiny_llama)]
+    assert main([*argv, "--refusal-direction", str(direction_dir)]) == 0
+    r = _unit(direction_dir)
+    new, old = weights(out), weights(run / "checkpoint-1")
+    bs = [n for n in new if "lora_B" in n and ("o_proj" in n or "down_proj" in n)]
+    assert len(bs) == 2 * N_LAYERS and all((r @ new[n]).abs().max() < 1e-6 for n in bs)
+    assert all(torch.equal(new[n], old[n]) for n in new if n not in bs)
+    assert (out / "adapter_config.json").is_file()

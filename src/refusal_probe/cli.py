@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "refusal_probe.analysis.commands",
     "refusal_probe.evaluate.commands",
     "refusal_probe.train.commands",
+    "refusal_probe.train.safety.commands",
     "refusal_probe.demo",
 )
 
