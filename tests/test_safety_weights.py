@@ -129,7 +129,25 @@ def test_ema_checkpoints_hold_the_average_of_the_trajectory(tiny_llama, tmp_path
     # training went on from the raw weights: step 2's raw weights are not an update of step 1's average
     manifest = RunManifest.load(run)
     assert manifest.safety["ema"]["decay"] == decay and manifest.hyperparameters["ema_decay"] == decay
-    assert (run / "checkpoint-4" / EMA_STATE).is_file()
+    assert not list(run.glob(f"checkpoint-*/{EMA_STATE}"))  # complete: no resume state left
+
+
+class StopAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_ema_run_resumes_to_the_same_averaged_weights(tiny_llama, tmp_path):
+    cfg = tiny_config(tiny_llama, method="lora", ema_decay=0.7)
+    straight = train(cfg, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", callbacks=[StopAfterSave()])
+    run = tmp_path / "cut" / cfg.name
+    assert (run / "checkpoint-2" / EMA_STATE).is_file()
+    train(cfg, tmp_path / "cut")
+    a, b = weights(straight / "checkpoint-4"), weights(run / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_ema_averages_the_lora_adapter(tiny_llama, tmp_path):

@@ -3,8 +3,9 @@
 After every optimizer step theta_ema <- D * theta_ema + (1 - D) * theta, on float32 shadow copies of the trainable
 parameters only (for LoRA the adapter's). A checkpoint holds the AVERAGED weights: the shadow is swapped into the
 model just before the Trainer saves and the raw weights are put back right after, so training continues on the raw
-trajectory. Each checkpoint also gets ``ema_state.pt`` (raw trainable weights and the shadow), so a resumed run goes
-on exactly where it stopped instead of training on from the averaged weights.
+trajectory. The newest checkpoint also gets ``ema_state.pt`` (raw trainable weights and the shadow), so a resumed run
+goes on exactly where it stopped instead of training on from the averaged weights; like the optimizer state it is
+deleted from older checkpoints (with --keep-optimizer resume) and when the run completes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def trainable(model: Any) -> dict[str, torch.nn.Parameter]:
 class EmaCallback(TrainerCallback):
     """Keeps the shadow; swaps it in around each save. Add it after the callback that requests saves."""
 
-    def __init__(self, decay: float, resume: Path | None = None):
+    def __init__(self, decay: float, resume: Path | None = None, prune: bool = True):
         self.decay = decay
         self.resume = resume
+        self.prune = (
+            prune  # keep ema_state.pt in the newest checkpoint only (as --keep-optimizer resume does)
+        )
         self.shadow: dict[str, torch.Tensor] = {}
         self._raw: dict[str, torch.Tensor] | None = None
         self._model: Any = None
@@ -61,15 +65,27 @@ class EmaCallback(TrainerCallback):
         ema_update(self.shadow, trainable(model), self.decay)
         if control.should_save:
             self._swap_in(model)
+            if (
+                state.is_world_process_zero
+            ):  # written first: a checkpoint never lacks it (the Trainer adds the rest)
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                folder.mkdir(parents=True, exist_ok=True)
+                assert self._raw is not None
+                torch.save({"raw": self._raw, "shadow": self.shadow}, folder / EMA_STATE)
         return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if self._raw is None:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            torch.save({"raw": self._raw, "shadow": self.shadow}, folder / EMA_STATE)
-        self._swap_out(model)
+        if self._raw is not None:
+            self._swap_out(model)
+        if self.prune and state.is_world_process_zero:
+            for old in Path(args.output_dir).glob(f"checkpoint-*/{EMA_STATE}"):
+                if old.parent.name != f"checkpoint-{state.global_step}":
+                    old.unlink(missing_ok=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.prune and state.is_world_process_zero:  # a complete run is never resumed
+            for old in Path(args.output_dir).glob(f"checkpoint-*/{EMA_STATE}"):
+                old.unlink(missing_ok=True)
 
     def _swap_in(self, model) -> None:
         params = trainable(model)

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from refusal_probe.models.manifest import RunManifest
-from refusal_probe.train.config import TrainConfig
+from refusal_probe.train.config import KeepOptimizer, TrainConfig
 from refusal_probe.train.safety.direction import RefusalDirection, harmful_projection, refusal_direction
 from refusal_probe.train.safety.ema import EmaCallback
 from refusal_probe.train.safety.freeze import AUTO, auto_layers, freeze_blocks, parse_layer_spec
@@ -88,7 +88,9 @@ def attach(
         trainer.add_callback(project)
         what = "LoRA B <- (I - r r^T) B" if config.uses_lora else "W <- W_base + (I - r r^T)(W - W_base)"
         safety["project_off_refusal"] = {"after_every_step": what, "max_abs_component": None}
-    ema = EmaCallback(config.ema_decay, resume) if config.ema_decay is not None else None
+    ema = None
+    if config.ema_decay is not None:
+        ema = EmaCallback(config.ema_decay, resume, prune=config.keep_optimizer == KeepOptimizer.RESUME)
     if config.safety_monitor:
         assert direction is not None
         from refusal_probe import data
@@ -106,7 +108,7 @@ def attach(
         trainer.add_callback(ema)
         safety["ema"] = {
             "decay": config.ema_decay,
-            "checkpoints_hold": "the EMA-averaged trainable weights (raw weights for resuming in ema_state.pt)",
+            "checkpoints_hold": "the EMA-averaged trainable weights (raw ones for resuming: ema_state.pt)",
             "averaged": "adapter parameters" if config.uses_lora else "trainable parameters",
         }
     if project is not None or monitor is not None:
