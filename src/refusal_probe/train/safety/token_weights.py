@@ -152,8 +152,16 @@ class TokenWeights:
         return {"source": self.source, **self.stats}
 
 
+def _row_labels(row: dict, ids: list[int]) -> list[int]:
+    """The row's loss targets as TRL tokenised them: its labels, else its completion mask, else every token."""
+    if row.get("labels") is not None:
+        return list(row["labels"])
+    mask = row.get("completion_mask") or [1] * len(ids)
+    return [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+
+
 def build_token_weights(config, model, dataset, direction) -> TokenWeights:
-    """Weights for every row of the trainer's tokenised dataset (input_ids, completion_mask)."""
+    """Weights for every row of the trainer's tokenised dataset (input_ids and labels or completion_mask)."""
     user = read_token_weights(config.token_weights) if config.token_weights else None
     if user is not None:
         beyond = [i for i in user if i >= len(dataset)]
@@ -169,8 +177,7 @@ def build_token_weights(config, model, dataset, direction) -> TokenWeights:
     try:
         for i, row in enumerate(dataset):
             ids = list(row["input_ids"])
-            mask = row.get("completion_mask") or [1] * len(ids)
-            labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+            labels = _row_labels(row, ids)
             n_targets = len(target_positions(labels))
             if user is not None:
                 w = user.get(i)
