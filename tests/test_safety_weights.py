@@ -403,3 +403,45 @@ def test_project_command_on_a_lora_adapter(tiny_llama, tmp_path, direction_dir):
     assert len(bs) == 2 * N_LAYERS and all((r @ new[n]).abs().max() < 1e-6 for n in bs)
     assert all(torch.equal(new[n], old[n]) for n in new if n not in bs)
     assert (out / "adapter_config.json").is_file()
+
+
+# ---- composition with the other methods ----
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("dpo", {}), ("qlora", {"lora_targets": ["qlora-all"]}), ("dpo", {"dpo_lora": True})],
+)
+def test_every_weight_space_option_at_once(method, extra, tiny_llama, tmp_path):
+    d = positive_direction(tiny_llama, tmp_path / "dir")
+    cfg = tiny_config(
+        tiny_llama,
+        method=method,
+        max_steps=2,
+        ema_decay=0.9,
+        freeze_layers="0",
+        project_off_refusal=True,
+        safety_monitor=True,
+        monitor_every=1,
+        monitor_tolerance=1e-9,
+        monitor_prompts=2,
+        refusal_direction=str(d),
+        **extra,
+    )
+    run = train(cfg, tmp_path / "runs")
+    safety = RunManifest.load(run).safety
+    assert safety["freeze_layers"]["layers"] == [0] and safety["ema"]["decay"] == 0.9
+    assert safety["project_off_refusal"]["max_abs_component"] < 1e-5
+    assert [e["action"] for e in safety["monitor"]["events"]] == ["start", "ok", "ok"]
+    saved = weights(run / "checkpoint-2")
+    r = DirectionResult.load(d).unit.to(torch.float32)
+    if cfg.uses_lora:
+        bs = [n for n in saved if "lora_B" in n and ("o_proj" in n or "down_proj" in n)]
+        assert bs and all((r @ saved[n].float()).abs().max() < 1e-5 for n in bs)
+        assert all(saved[n].abs().max() == 0 for n in saved if "lora_B" in n and ".layers.0." in n)
+    else:
+        base = load_file(str(tiny_llama / "model.safetensors"))
+        assert all(torch.equal(saved[n], base[n]) for n in saved if ".layers.0." in n)
+        for n in saved:
+            if n.endswith(("o_proj.weight", "down_proj.weight")):
+                assert (r @ (saved[n] - base[n])).abs().max() < 1e-5, n

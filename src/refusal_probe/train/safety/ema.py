@@ -25,7 +25,14 @@ def ema_update(shadow: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
         s.mul_(decay).add_(params[name].detach().to(s.dtype), alpha=1.0 - decay)
 
 
-def trainable(model: Any) -> dict[str, torch.nn.Parameter]:
+def trainable(model: Any, optimizer: Any = None) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer updates (by name); without an optimizer, those that require grad.
+
+    Taken once at the start of training: PEFT's set_adapter (TRL's DPO calls it) sets requires_grad again on a
+    frozen block's adapter, which the optimizer, built before, still leaves alone."""
+    if optimizer is not None:
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return {n: p for n, p in model.named_parameters() if id(p) in ids}
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -40,7 +47,7 @@ class EmaCallback(TrainerCallback):
         )
         self.shadow: dict[str, torch.Tensor] = {}
         self._raw: dict[str, torch.Tensor] | None = None
-        self._model: Any = None
+        self.params: dict[str, torch.nn.Parameter] = {}
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"shadow": {k: v.clone() for k, v in self.shadow.items()}}
@@ -49,9 +56,8 @@ class EmaCallback(TrainerCallback):
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._model = model
-        params = trainable(model)
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.params = params = trainable(model, optimizer)
         self.shadow = {n: p.detach().to(torch.float32).clone() for n, p in params.items()}
         saved = self.resume / EMA_STATE if self.resume is not None else None
         if saved is not None and saved.is_file():
@@ -62,9 +68,9 @@ class EmaCallback(TrainerCallback):
                     self.shadow[n].copy_(blob["shadow"][n])
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        ema_update(self.shadow, trainable(model), self.decay)
+        ema_update(self.shadow, self.params, self.decay)
         if control.should_save:
-            self._swap_in(model)
+            self._swap_in()
             if (
                 state.is_world_process_zero
             ):  # written first: a checkpoint never lacks it (the Trainer adds the rest)
@@ -76,7 +82,7 @@ class EmaCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self._raw is not None:
-            self._swap_out(model)
+            self._swap_out()
         if self.prune and state.is_world_process_zero:
             for old in Path(args.output_dir).glob(f"checkpoint-*/{EMA_STATE}"):
                 if old.parent.name != f"checkpoint-{state.global_step}":
@@ -87,16 +93,15 @@ class EmaCallback(TrainerCallback):
             for old in Path(args.output_dir).glob(f"checkpoint-*/{EMA_STATE}"):
                 old.unlink(missing_ok=True)
 
-    def _swap_in(self, model) -> None:
-        params = trainable(model)
-        self._raw = {n: p.detach().clone() for n, p in params.items()}
+    def _swap_in(self) -> None:
+        self._raw = {n: p.detach().clone() for n, p in self.params.items()}
         with torch.no_grad():
-            for n, p in params.items():
+            for n, p in self.params.items():
                 p.copy_(self.shadow[n].to(p.dtype))
 
-    def _swap_out(self, model) -> None:
+    def _swap_out(self) -> None:
         assert self._raw is not None
         with torch.no_grad():
-            for n, p in trainable(model).items():
+            for n, p in self.params.items():
                 p.copy_(self._raw[n])
         self._raw = None

@@ -53,6 +53,7 @@ class SafetyMonitor(TrainerCallback):
         self.monitor_s = 0.0
         self.train_started = 0.0
         self.good: dict[str, Any] | None = None
+        self.params: dict[str, torch.nn.Parameter] = {}
 
     def _measure(self, model) -> float:
         t = time.monotonic()
@@ -65,7 +66,7 @@ class SafetyMonitor(TrainerCallback):
         t = time.monotonic()
         self.good = {
             "step": step,
-            "params": {n: p.detach().clone() for n, p in trainable(model).items()},
+            "params": {n: p.detach().clone() for n, p in self.params.items()},
             "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
             "extra": [copy.deepcopy(x.state_dict()) for x in self.extra],
         }
@@ -74,7 +75,7 @@ class SafetyMonitor(TrainerCallback):
     def _restore(self, model, optimizer) -> None:
         assert self.good is not None
         with torch.no_grad():
-            for n, p in trainable(model).items():
+            for n, p in self.params.items():
                 p.copy_(self.good["params"][n])
         if optimizer is not None and self.good["optimizer"] is not None:
             # the moments come back; the learning rates stay the current ones (lowered by earlier rollbacks)
@@ -87,6 +88,7 @@ class SafetyMonitor(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.train_started = time.monotonic()
+        self.params = trainable(model, optimizer)
         self.start = self._measure(model)
         if self.start <= 0:
             print(
