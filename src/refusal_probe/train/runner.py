@@ -21,7 +21,11 @@ from refusal_probe.train.callbacks import FractionCheckpoints, ManifestWriter, P
 from refusal_probe.train.config import KeepOptimizer, TrainConfig
 from refusal_probe.train.examples import training_examples
 from refusal_probe.train.safety import setup as safety_setup
-from refusal_probe.train.safety.gradients import build_gradient_options, wants_gradient_options
+from refusal_probe.train.safety.gradients import (
+    build_gradient_options,
+    check_gradient_inputs,
+    wants_gradient_options,
+)
 from refusal_probe.train.trainer import build_trainer
 
 
@@ -48,6 +52,7 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
     lifecycle.drop_unfinished_checkpoints(run_dir)
     revision = base_revision(config.model, base_dir)
     direction = safety_setup.direction_for(config, base_dir)  # a missing direction is refused before loading
+    check_gradient_inputs(config, base_dir)  # their files and direction, before loading
     model, tok = load_for_training(config, base_dir)
     examples, provenance = training_examples(config, model, tok, out_dir, revision)
 

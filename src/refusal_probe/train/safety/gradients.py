@@ -156,6 +156,26 @@ def trainable_params(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def needs_direction(config) -> bool:
+    return bool(config.refusal_preservation or (config.token_weighting and not config.token_weights))
+
+
+def check_gradient_inputs(config, base_dir: Path) -> None:
+    """Refuse a bad --safety-pairs or --token-weights file, or a missing refusal direction, with one line, before
+    any model is loaded (the counts of --token-weights are checked against the tokenised data later)."""
+    from refusal_probe.train.safety.safety_batch import read_pairs
+    from refusal_probe.train.safety.token_weights import read_token_weights
+
+    if config.safety_pairs and (config.gradient_surgery or config.ewc):
+        read_pairs(config.safety_pairs)
+    if config.token_weighting and config.token_weights:
+        read_token_weights(config.token_weights)
+    if needs_direction(config):
+        from refusal_probe.train.safety.direction import refusal_direction
+
+        refusal_direction(config, base_dir)
+
+
 def build_gradient_options(
     config, trainer, tok, run_dir: Path, revision: str, base_dir: Path
 ) -> GradientOptions:
@@ -181,7 +201,7 @@ def build_gradient_options(
             )
             options.ewc = EWC(float(config.ewc), params, fisher)
         direction = None
-        if config.refusal_preservation or config.token_weighting and not config.token_weights:
+        if needs_direction(config):
             from refusal_probe.train.safety.direction import refusal_direction
 
             direction = refusal_direction(config, base_dir)
