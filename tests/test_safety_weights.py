@@ -445,3 +445,13 @@ def test_every_weight_space_option_at_once(method, extra, tiny_llama, tmp_path):
         for n in saved:
             if n.endswith(("o_proj.weight", "down_proj.weight")):
                 assert (r @ (saved[n] - base[n])).abs().max() < 1e-5, n
+
+
+def test_refusal_direction_from_the_shared_cache_that_directions_filled(tiny_llama, tmp_path):
+    """`refusal-probe directions MODEL` with its default settings fills the cache; train then finds it there."""
+    out = tmp_path / "directions"
+    assert main(["directions", str(tiny_llama), "--out", str(out), "--search", "coarse", "--quiet"]) == 0
+    r = refusal_direction(TrainConfig(model=str(tiny_llama)), tiny_llama)
+    saved = DirectionResult.load(out)
+    assert r.layer == saved.layer and torch.allclose(r.unit, saved.unit.to(torch.float32))
+    assert "directions" in r.source and str(out) not in r.source  # the cache entry, not the --out folder

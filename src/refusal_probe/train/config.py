@@ -481,7 +481,25 @@ def _group(name: str) -> str:
         return "hardware"
     if name in ("method", "model", "run_name"):
         return "run"
+    if name in WEIGHT_SPACE_SAFETY:
+        return "safety-preserving options, weight space"
     return "optimisation"
+
+
+WEIGHT_SPACE_SAFETY = frozenset(
+    {
+        "refusal_direction",
+        "ema_decay",
+        "freeze_layers",
+        "freeze_neighbourhood",
+        "project_off_refusal",
+        "safety_monitor",
+        "monitor_every",
+        "monitor_tolerance",
+        "monitor_lr_factor",
+        "monitor_prompts",
+    }
+)
 
 
 def build_config(config_file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:

@@ -50,6 +50,12 @@ class _Record(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._update()
+        if self.monitor is not None:
+            m = self.manifest.safety["monitor"]
+            print(
+                f"safety monitor: {m['monitor_s']:.1f} s of {m['train_s']:.1f} s of training "
+                f"({100 * (m['monitor_fraction'] or 0):.1f}%), {m['rollbacks']} rollback(s)"
+            )
 
 
 def attach(
