@@ -249,7 +249,8 @@ class TrainConfig(Settings):
     safety_monitor: bool = _opt(
         False,
         "Every --monitor-every steps measure the mean projection of harmful prompts on the base refusal "
-        "direction; below --monitor-tolerance x its start, restore the last good state and lower the lr.",
+        "direction; below --monitor-tolerance x its start, restore the last good state and lower the lr. "
+        "Keeps the last good trainable weights and optimizer state in memory (about 3x the trainable size).",
     )
     monitor_every: int = _opt(10, "Steps between two safety-monitor checks.")
     monitor_tolerance: float = _opt(
