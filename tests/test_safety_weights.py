@@ -97,9 +97,11 @@ class Trajectory(TrainerCallback):
 
     def __init__(self):
         self.steps: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[float] = []
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.steps.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        self.lrs.append(optimizer.param_groups[0]["lr"])  # the lr the next step will use
 
 
 # ---- EMA ----
@@ -343,6 +345,8 @@ def test_monitor_rollback_restores_the_exact_weights_and_lowers_the_lr(tiny_llam
         1e-3 * 0.25
     )
     assert mon["start_signal"] > 0 and 0 < mon["monitor_s"] < mon["train_s"]
+    # the scheduler's base lr was lowered too: step 3 ran at half the rate (constant schedule)
+    assert traj.lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
 
 
 def test_monitor_that_never_triggers_keeps_training(tiny_llama, tmp_path):
