@@ -484,7 +484,26 @@ def _group(name: str) -> str:
         return "run"
     if name in WEIGHT_SPACE_SAFETY:
         return "safety-preserving options, weight space"
+    if name in GRADIENT_SAFETY:
+        return "safety-preserving options, gradients and losses"
     return "optimisation"
+
+
+GRADIENT_SAFETY = frozenset(
+    {
+        "safety_prompts",
+        "safety_pairs",
+        "safety_max_new_tokens",
+        "gradient_surgery",
+        "surgery_every",
+        "surgery_mode",
+        "ewc",
+        "refusal_preservation",
+        "token_weighting",
+        "token_weight_alpha",
+        "token_weights",
+    }
+)
 
 
 WEIGHT_SPACE_SAFETY = frozenset(
