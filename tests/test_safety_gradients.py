@@ -388,6 +388,7 @@ def test_options_compose_with_each_method(method, tiny_llama, direction_dir, tmp
         safety_prompts=3,
         safety_max_new_tokens=6,
         checkpoint_fractions=[1.0],
+        freeze_layers="0" if method == "full" else None,  # composes with the weight-space options too
     )
     run_dir = train(cfg, tmp_path / "runs")
     m = RunManifest.load(run_dir)
@@ -403,3 +404,30 @@ def test_options_compose_with_each_method(method, tiny_llama, direction_dir, tmp
     assert (run_dir / "safety" / "safety_batch.json").is_file() and (
         run_dir / "safety" / "fisher.safetensors"
     ).is_file()
+
+
+def test_interrupted_run_records_the_options_and_resumes_on_the_cached_batch_and_fisher(tiny_llama, tmp_path):
+    from test_train import StopAfterSave
+
+    cfg = tiny_config(
+        tiny_llama,
+        method="lora",
+        max_steps=4,
+        n_train=8,
+        gradient_surgery=True,
+        ewc=1.0,
+        safety_prompts=2,
+        safety_max_new_tokens=4,
+        checkpoint_fractions=[0.5, 1.0],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, callbacks=[StopAfterSave(2)])
+    run_dir = tmp_path / cfg.name
+    m = RunManifest.load(run_dir)
+    assert not m.complete and m.safety["gradient_surgery"]["checks"] == 2  # written with checkpoint-2
+    cached = [run_dir / "safety" / "safety_batch.json", run_dir / "safety" / "fisher.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    train(cfg, tmp_path)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # read back, not generated or estimated again
+    m = RunManifest.load(run_dir)
+    assert m.complete and m.safety["gradient_surgery"]["checks"] == 2  # the steps since the resume

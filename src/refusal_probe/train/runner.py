@@ -79,9 +79,9 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
     if config.keep_optimizer == KeepOptimizer.RESUME:
         ours.append(PruneOptimizerState(run_dir))
     trainer = build_trainer(config, model, tok, examples, run_dir, ours + list(callbacks or []), base_dir)
-    if wants_gradient_options(config):  # built on the base weights, before a resume loads a checkpoint's
-        trainer.gradient_options = build_gradient_options(config, trainer, tok, run_dir, revision, base_dir)
     safety_setup.attach(config, trainer, tok, direction, manifest, plan.resume)
+    if wants_gradient_options(config):  # after freezing; on the base weights (a resume loads later)
+        build_gradient_options(config, trainer, tok, run_dir, revision, base_dir, manifest)
     if plan.resume is not None:
         print(f"{run_dir}: resuming from {plan.resume.name}")
     trainer.train(resume_from_checkpoint=str(plan.resume) if plan.resume else None)
@@ -91,8 +91,6 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
         raise RuntimeError(f"{run_dir}: training ended without checkpoints at steps {missing}")
     manifest.wall_time_s = writer.wall_time()
     manifest.complete = True
-    if getattr(trainer, "gradient_options", None) is not None:
-        manifest.safety.update(trainer.gradient_options.to_json())
     if trainer.is_world_process_zero():
         if config.keep_optimizer == KeepOptimizer.RESUME:
             lifecycle.prune_resume_state(run_dir)

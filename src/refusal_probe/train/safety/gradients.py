@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from refusal_probe.train.safety.ewc import EWC
 from refusal_probe.train.safety.preservation import Preservation
@@ -57,7 +58,7 @@ class GradientOptions:
         was_training = model.training
         model.eval()
         try:
-            names = list(self.params)
+            names = [n for n, p in self.params.items() if p.requires_grad]  # frozen ones have no gradient
             tensors = [self.params[n] for n in names]
             if self.surgery is not None and self.batch is not None and step % self.surgery_every == 0:
                 started = time.monotonic()
@@ -176,10 +177,27 @@ def check_gradient_inputs(config, base_dir: Path) -> None:
         refusal_direction(config, base_dir)
 
 
+class RecordGradients(TrainerCallback):
+    """Keep run.json "safety" current with the options' statistics before each save (ManifestWriter writes it) and
+    at the end; a resumed run's statistics cover the steps since it resumed."""
+
+    def __init__(self, manifest, options: GradientOptions):
+        self.manifest, self.options = manifest, options
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.manifest.safety.update(self.options.to_json())
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.manifest.safety.update(self.options.to_json())
+
+
 def build_gradient_options(
-    config, trainer, tok, run_dir: Path, revision: str, base_dir: Path
+    config, trainer, tok, run_dir: Path, revision: str, base_dir: Path, manifest=None
 ) -> GradientOptions:
-    """The run's options, built on the trainer's model (LoRA: the adapter's parameters are the trainable ones)."""
+    """The run's options, built on the trainer's model (LoRA: the adapter's parameters are the trainable ones), set
+    on the trainer, with a callback recording them in ``manifest`` when one is given."""
     from refusal_probe.train.safety.safety_batch import SAFETY_DIR, build_safety_batch, harmful_prompts
 
     model = trainer.model
@@ -216,6 +234,9 @@ def build_gradient_options(
             options.token_weights = build_token_weights(config, model, trainer.train_dataset, direction)
     finally:
         model.train(was_training)
+    trainer.gradient_options = options
+    if manifest is not None:
+        trainer.add_callback(RecordGradients(manifest, options))
     return options
 
 
