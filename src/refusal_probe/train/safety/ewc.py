@@ -90,7 +90,9 @@ class EWC:
         self.lam = lam
         self.params = dict(params)
         self.base = {n: p.detach().clone() for n, p in params.items()}
-        self.fisher = dict(fisher)
+        self.fisher = {
+            n: fisher[n].to(p.device, p.dtype) for n, p in params.items()
+        }  # moved once, not per step
         self.last = 0.0
 
     def penalty(self) -> torch.Tensor:

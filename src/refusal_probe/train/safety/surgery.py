@@ -43,17 +43,24 @@ def project_per_tensor(
 def project_global(
     gs: Sequence[torch.Tensor], g_ss: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], bool, float]:
-    """One dot product over all tensors (the gradient as one vector); the tensors come back in their shapes."""
-    flat = torch.cat([g.reshape(-1).double() for g in gs])
-    flat_s = torch.cat([s.reshape(-1).double() for s in g_ss])
-    new, projected, cos = project_conflicting(flat, flat_s)
-    if not projected:
+    """``project_conflicting`` of the gradient as one vector (one dot product over all tensors), tensor by tensor:
+    float64 sums per tensor, so no concatenated copy of a full model's gradient is made."""
+    dot = sum(
+        (torch.sum(g.double() * s.double()) for g, s in zip(gs, g_ss, strict=True)),
+        torch.zeros((), dtype=torch.float64),
+    )
+    nn = sum((torch.sum(s.double() ** 2) for s in g_ss), torch.zeros((), dtype=torch.float64))
+    gg = sum((torch.sum(g.double() ** 2) for g in gs), torch.zeros((), dtype=torch.float64))
+    norm = torch.sqrt(gg * nn)
+    cos = float(dot / norm) if norm > 0 else 0.0
+    if not (dot < 0) or nn == 0:
         return list(gs), False, cos
-    out, i = [], 0
-    for g in gs:
-        out.append(new[i : i + g.numel()].reshape(g.shape).to(g.dtype))
-        i += g.numel()
-    return out, True, cos
+    c = dot / nn
+    return (
+        [(g.double() - c.to(g.device) * s.double()).to(g.dtype) for g, s in zip(gs, g_ss, strict=True)],
+        True,
+        cos,
+    )
 
 
 @dataclass
