@@ -459,3 +459,24 @@ def test_refusal_direction_from_the_shared_cache_that_directions_filled(tiny_lla
     saved = DirectionResult.load(out)
     assert r.layer == saved.layer and torch.allclose(r.unit, saved.unit.to(torch.float32))
     assert "directions" in r.source and str(out) not in r.source  # the cache entry, not the --out folder
+
+
+def test_a_resumed_monitor_keeps_its_starting_signal_and_events(tiny_llama, tmp_path):
+    d = positive_direction(tiny_llama, tmp_path / "dir")
+    cfg = tiny_config(
+        tiny_llama,
+        method="lora",
+        safety_monitor=True,
+        monitor_every=1,
+        monitor_tolerance=1e-9,
+        monitor_prompts=2,
+        refusal_direction=str(d),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "runs", callbacks=[StopAfterSave()])
+    first = RunManifest.load(tmp_path / "runs" / cfg.name).safety["monitor"]
+    run = train(cfg, tmp_path / "runs")
+    mon = RunManifest.load(run).safety["monitor"]
+    assert mon["start_signal"] == first["start_signal"]
+    assert [e["action"] for e in mon["events"]] == ["start", "ok", "ok", "resume", "ok", "ok"]
+    assert [e["step"] for e in mon["events"]] == [0, 1, 2, 2, 3, 4]

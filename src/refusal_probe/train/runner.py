@@ -79,7 +79,7 @@ def train(config: TrainConfig, out_dir: str | Path, callbacks: list | None = Non
     if config.keep_optimizer == KeepOptimizer.RESUME:
         ours.append(PruneOptimizerState(run_dir))
     trainer = build_trainer(config, model, tok, examples, run_dir, ours + list(callbacks or []), base_dir)
-    safety_setup.attach(config, trainer, tok, direction, manifest, plan.resume)
+    safety_setup.attach(config, trainer, tok, direction, manifest, plan.resume, previous)
     if wants_gradient_options(config):  # after freezing; on the base weights (a resume loads later)
         build_gradient_options(config, trainer, tok, run_dir, revision, base_dir, manifest)
     if plan.resume is not None:

@@ -42,6 +42,7 @@ class SafetyMonitor(TrainerCallback):
         tolerance: float,
         lr_factor: float,
         extra: list[Any] | None = None,
+        previous: dict[str, Any] | None = None,
     ):
         self.signal = signal
         self.every = every
@@ -54,6 +55,9 @@ class SafetyMonitor(TrainerCallback):
         self.train_started = 0.0
         self.good: dict[str, Any] | None = None
         self.params: dict[str, torch.nn.Parameter] = {}
+        self.previous = (
+            previous or {}
+        )  # the record of the run this one resumes: its start signal still counts
 
     def _measure(self, model) -> float:
         t = time.monotonic()
@@ -89,7 +93,15 @@ class SafetyMonitor(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.train_started = time.monotonic()
         self.params = trainable(model, optimizer)
-        self.start = self._measure(model)
+        value = self._measure(model)
+        if self.previous.get("start_signal") is not None:
+            self.start = float(self.previous["start_signal"])
+            self.events = list(self.previous.get("events", []))
+            self.monitor_s += float(self.previous.get("monitor_s") or 0.0)
+            self.events.append({"step": int(state.global_step), "signal": value, "action": "resume"})
+            self._keep(model, optimizer, int(state.global_step))
+            return
+        self.start = value
         if self.start <= 0:
             print(
                 f"note: safety monitor: the starting signal {self.start:.4g} is not positive; a fall below "

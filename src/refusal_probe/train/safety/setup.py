@@ -65,6 +65,7 @@ def attach(
     direction: RefusalDirection | None,
     manifest: RunManifest,
     resume: Path | None,
+    previous: RunManifest | None = None,
 ) -> None:
     """Freeze blocks and add the callbacks, in the order the mathematics needs: project (right after the optimizer
     step), then monitor (may roll back), then EMA (averages what training keeps), then the record."""
@@ -108,6 +109,7 @@ def attach(
             config.monitor_tolerance,
             config.monitor_lr_factor,
             extra=[ema] if ema is not None else [],
+            previous=previous.safety.get("monitor") if previous is not None and resume is not None else None,
         )
         trainer.add_callback(monitor)
     if ema is not None:
