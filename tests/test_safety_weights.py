@@ -262,10 +262,6 @@ def test_full_training_with_projection_leaves_no_update_along_r(tiny_llama, tmp_
         delta = saved[n] - base[n]
         assert delta.abs().max() > 1e-5  # it trained
         assert (r @ delta).abs().max() < 1e-6 * max(1.0, delta.abs().max().item()), n
-    other = saved["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]
-    assert (
-        r @ other
-    ).abs().max() > 1e-6 or True  # readers are not constrained (q_proj's rows are not d_model)
     info = RunManifest.load(run).safety["project_off_refusal"]
     assert len(info["modules"]) == 2 * N_LAYERS and info["max_abs_component"] < 1e-5
 
