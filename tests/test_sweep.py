@@ -34,6 +34,16 @@ def test_cpu_small_expands_to_every_method_and_rate():
     assert all(c.n_train // c.effective_batch_size == 8 for c in by_name.values())  # 8 steps per run
 
 
+def test_kim_tradeoff_varies_rate_batch_and_steps_at_fixed_data():
+    runs = expand(load_sweep(EXPERIMENTS / "kim-tradeoff.toml"))
+    got = {(r.config.learning_rate, r.config.effective_batch_size, r.config.max_steps) for r in runs}
+    assert got == {(lr, bs, steps) for lr in (1e-5, 5e-6) for bs in (8, 16) for steps in (4, 8)}
+    assert {r.config.n_train for r in runs} == {128} and {r.config.method for r in runs} == {"full"}
+    # every step budget fits inside the fixed data: no run repeats a sentence
+    assert all(r.config.max_steps * r.config.effective_batch_size <= r.config.n_train for r in runs)
+    assert len({r.name for r in runs}) == 8
+
+
 def test_paper_sweep_is_the_study_grid():
     runs = expand(load_sweep(EXPERIMENTS / "paper.toml"))
     assert len(runs) == 16
