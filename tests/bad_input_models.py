@@ -222,3 +222,73 @@ CASES = [
         ("checkpoint-1/model.safetensors", "truncated"),
     ),
 ]
+
+
+def _missing_tensor(ws: Workspace):
+    from safetensors.torch import load_file, save_file
+
+    run = ws.run(steps=(1, 2))
+    weights = run / "checkpoint-2" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["model.layers.0.mlp.down_proj.weight"]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return run
+
+
+def _root_model_run(ws: Workspace):
+    run = ws.run(steps=(1, 2))
+    for f in ws.model().iterdir():  # the final model at the run's root, as Trainer.save_model() leaves it
+        (run / f.name).write_bytes(f.read_bytes())
+    return run
+
+
+CASES += [
+    Case(
+        "eval-missing-tensor",
+        lambda ws: [
+            "eval",
+            _missing_tensor(ws),
+            "--out",
+            ws.out,
+            "--n-advbench",
+            "1",
+            "--n-translation",
+            "0",
+            "--no-progress",
+        ],
+        ("checkpoint-2", "model.layers.0.mlp.down_proj.weight", "missing from the weights"),
+    ),
+    Case(
+        "analyze-missing-tensor",
+        lambda ws: ["analyze", _missing_tensor(ws), "--out", ws.out, *FAST],
+        ("checkpoint-2", "model.layers.0.mlp.down_proj.weight"),
+    ),
+    Case(
+        "analyze-trainer-state-wrong-types",
+        lambda ws: [
+            "analyze",
+            _corrupt(
+                ws,
+                "runs/full-lr1e-4/checkpoint-1/trainer_state.json",
+                '{"global_step": "x", "log_history": 5}',
+            ),
+            *FAST,
+        ],
+        ("trainer_state.json", "wrong type"),
+    ),
+    Case(
+        "analyze-adapter-config-not-json-with-base",
+        lambda ws: ["analyze", _adapter_run(ws, "{not json"), "--base", ws.model(), *FAST],
+        ("adapter_config.json", "not valid JSON"),
+    ),
+    Case(
+        "analyze-out-is-the-run-with-its-final-model",
+        lambda ws: ["analyze", _root_model_run(ws), "--out", ws.path("runs/full-lr1e-4"), *FAST],
+        ("--out", "holds a model", "never written"),
+    ),
+    Case(
+        "eval-out-inside-the-run-with-its-final-model",
+        lambda ws: ["eval", _root_model_run(ws), "--out", ws.path("runs/full-lr1e-4/results")],
+        ("--out", "holds a model"),
+    ),
+]

@@ -330,7 +330,7 @@ def test_default_outputs_never_collide_and_outputs_are_never_inputs(tmp_path, ti
     (tmp_path / "runs" / "my-results" / "checkpoint-1").mkdir()
     tree = discover(str(tmp_path / "runs"))
     assert {c.run for c in tree} == {"a", "b"} and not tree.skipped
-    with pytest.raises(Exception, match="inside checkpoint"):
+    with pytest.raises(Exception, match="checkpoint-1, which holds a model and is never written"):
         tree.check_output(a / "checkpoint-1" / "out")
 
 
@@ -346,3 +346,22 @@ def test_run_name_from_run_json_is_a_safe_path_component(tmp_path, tiny_llama):
         assert len(names) == 1
         name = names.pop()
         assert "/" not in name and name not in ("", ".", "..") and not name.startswith(".")
+
+
+def test_dpo_recognised_from_the_root_trainer_state(study_tree, tiny_llama, tmp_path):
+    """logging_steps larger than the checkpoint interval leaves the checkpoints without DPO logs; save_state() at
+    the end writes the root trainer_state.json that holds them."""
+    import json
+
+    run = tmp_path / "run-b"
+    shutil.copytree(study_tree / "pref-lr1e-05", run)
+    final_state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    for state_file in run.glob("checkpoint-*/trainer_state.json"):
+        state = json.loads(state_file.read_text())
+        state["log_history"] = []
+        state_file.write_text(json.dumps(state))
+    assert {c.method for c in discover(str(run), base=str(tiny_llama))} == {"full"}  # nothing says DPO yet
+    (run / "trainer_state.json").write_text(json.dumps(final_state))
+    found = discover(str(run), base=str(tiny_llama))
+    assert {c.method for c in found} == {"dpo"}
+    assert found[1].meta_source["method"].startswith("trainer_state.json")

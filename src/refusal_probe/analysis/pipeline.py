@@ -92,9 +92,12 @@ def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, 
     if shard_ij:
         print(
             f"shard {shard}: {computed} checkpoint(s) computed, {len(todo) - computed} cached; "
-            f"run `refusal-probe analyze {spec}` without --shard to assemble"
+            "then run this same command without --shard to assemble the tables"
         )
         return out
-    return assemble(
+    written = assemble(
         spec, out, tree, refs, entries, settings, sets, beh, beh_path, notes, time.time() - started
     )
+    if warning := tree.skipped_warning():
+        print(warning, file=sys.stderr)
+    return written

@@ -114,12 +114,14 @@ def run_eval(
         evaluated = sum(u.status == "evaluated" for u in todo)
         log(
             f"shard {shard}: {evaluated} of {len(todo)} unit(s) evaluated, {len(todo) - evaluated} done already; "
-            f"run `refusal-probe eval {spec}` without --shard to assemble behaviour.csv"
+            "then run this same command without --shard to assemble behaviour.csv"
         )
         return todo
     with output_lock(out_dir, "eval"):
         work()
         _assemble(spec, tree, units, out_dir, settings, time.time() - started, log)
+    if warning := tree.skipped_warning():
+        log(warning)
     return units
 
 

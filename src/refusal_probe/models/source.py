@@ -111,7 +111,7 @@ def _hub_dir(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # offline, gated, missing: all need the same advice
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc).split(". ")[0]  # the hub's first sentence, never cut mid-word
         raise UserError(
             f"cannot fetch '{repo_id}' from the Hugging Face hub ({reason}); download it where the hub is reachable "
             f"and pass the local folder (or .gguf file) instead, with --base DIR where it is a tree's base"
@@ -247,6 +247,23 @@ def verify_safetensors(path: Path) -> None:
             ) from None
 
 
+def check_loading_info(path: Path, info: dict) -> None:
+    """Refuse weights that do not fill the model: transformers would initialise the missing ones at random and every
+    number measured on them would look plausible and be wrong."""
+    for what, keys in (
+        ("missing from", "missing_keys"),
+        ("not expected in", "unexpected_keys"),
+        ("of the wrong shape in", "mismatched_keys"),
+    ):
+        found = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(keys) or ())
+        if found:
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            raise UserError(
+                f"{path}: tensor {found[0]}{more} {what} the weights; the checkpoint is incomplete or "
+                "damaged: copy or save it again"
+            )
+
+
 def check_finite(model, path: Path) -> None:
     """Refuse weights holding NaN or inf (a diverged run): every number measured on them would be meaningless."""
     import torch
@@ -269,11 +286,12 @@ def _from_pretrained(cls, path: Path, dtype, device: str, quant: QuantSpec | Non
     from safetensors import SafetensorError
 
     try:
-        model = cls.from_pretrained(str(path), **kwargs)
+        model, info = cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(
             f"{path}: cannot load weights ({_first_line(exc)}); check the files are complete"
         ) from None
+    check_loading_info(path, info)
     if quant is None:
         model.to(device)
     elif not device.startswith("cuda"):
@@ -286,4 +304,4 @@ def _from_pretrained(cls, path: Path, dtype, device: str, quant: QuantSpec | Non
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -115,7 +115,8 @@ class Tree:
         try:
             ckpts, notes = read(*args)
         except UserError as exc:
-            self.skipped.append({"path": str(folder), "reason": str(exc)})
+            reason = str(exc).removeprefix(f"{folder}: ")  # the path is said once, in "path"
+            self.skipped.append({"path": str(folder), "reason": reason})
             return
         self.checkpoints += ckpts
         self.notes += notes
@@ -124,26 +125,29 @@ class Tree:
         """What the terminal should say before any work: notes and every skipped folder."""
         return [*self.notes, *(f"skipped {s['path']}: {s['reason']}" for s in self.skipped)]
 
+    def skipped_warning(self) -> str | None:
+        """Said again at the end of a run, so a partial tree is never mistaken for the whole one."""
+        if not self.skipped:
+            return None
+        names = ", ".join(Path(s["path"]).name for s in self.skipped)
+        return (
+            f"warning: {len(self.skipped)} folder(s) skipped and missing from these results ({names}); "
+            "the reasons are above and in tree.skipped"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "notes": self.notes}
 
     def check_output(self, out: Path, flag: str = "--out") -> None:
-        """Refuse an output folder inside (or equal to) any checkpoint or base folder: those are never written."""
+        """Refuse an output folder in any folder that holds a model (a checkpoint, a base, a run with its final
+        model at its root): those are never written."""
         target = Path(out).expanduser().resolve()
-        for c in self.checkpoints:
-            folder = Path(c.path).resolve()
-            if c.name == FINAL:  # a run root: outputs may not sit in it unless a sub-folder of our own
-                if target == folder:
-                    raise UserError(
-                        f"{flag} {out}: is the run folder {c.path} itself; pass another {flag} DIR"
-                    )
-                continue
-            if target == folder or folder in target.parents:
+        for folder in (target, *target.parents):
+            if folder.is_dir() and (is_model_dir(folder) or is_adapter_dir(folder)):
                 raise UserError(
-                    f"{flag} {out}: lies inside checkpoint {c.path}, which is never written; "
+                    f"{flag} {out}: lies inside {folder}, which holds a model and is never written; "
                     f"pass {flag} DIR outside it"
                 )
-
 
 def discover(spec: str | os.PathLike, base: str | None = None) -> Tree:
     """Every checkpoint under ``spec`` plus one base checkpoint (step 0) per run, sorted by run then step.
@@ -292,6 +296,10 @@ def _run(run_dir: Path, base: str | None) -> tuple[list[Checkpoint], list[str]]:
         raise UserError(f"{run_dir}: run has no checkpoint folders yet; train it or remove it from the tree")
     for d in dirs:
         check_config(d)
+        if is_adapter_dir(d):
+            read_adapter_config(
+                d
+            )  # a damaged adapter_config.json is named here, not blamed on the base later
         if not (is_model_dir(d) or is_adapter_dir(d)):
             if pickle_only(d):
                 raise UserError(
@@ -307,6 +315,12 @@ def _run(run_dir: Path, base: str | None) -> tuple[list[Checkpoint], list[str]]:
         root_final = False
     folders = dirs + ([run_dir] if root_final else [])
     name = _run_name(manifest, run_dir.name)
+    stepless = [d.name for d in folders if d != run_dir and _step(d, manifest, False, folders)[0] is None]
+    if stepless:
+        notes.append(
+            f"{run_dir}: {', '.join(stepless)} without a step (no trainer_state.json global_step); "
+            "ordered by folder name, rows keyed by checkpoint name"
+        )
     return _with_base(
         folders, run_dir, base, name, manifest, final_dir=run_dir if root_final else None
     ), notes
@@ -323,7 +337,7 @@ def _with_base(
     """The base checkpoint (step 0) and one checkpoint per folder, all with the run's metadata."""
     src: dict[str, str] = {}
     base_spec, src["base"] = _base_spec(base, manifest, run_dir, folders)
-    method, src["method"] = _method(manifest, name, folders)
+    method, src["method"] = _method(manifest, name, [*folders, run_dir])
     lr, src["lr"] = _lr(manifest, name)
     hp = manifest.hyperparameters if manifest else {}
     quant = (
@@ -534,8 +548,19 @@ def _trainer_state(d: Path) -> dict:
         raise UserError(
             f"{path}: not valid JSON; the checkpoint may be incomplete (remove the file or the folder)"
         ) from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: expected a JSON object (HF Trainer state)")
+    types: dict[str, type | tuple[type, ...]] = {
+        "global_step": int,
+        "max_steps": int,
+        "log_history": list,
+        "epoch": (int, float),
+        "num_train_epochs": (int, float),
+    }
+    bad = [k for k, t in types.items() if k in state and state[k] is not None and not isinstance(state[k], t)]
+    if not isinstance(state, dict) or bad:
+        what = f"'{bad[0]}' has the wrong type" if isinstance(state, dict) else "expected a JSON object"
+        raise UserError(
+            f"{path}: {what} for an HF Trainer state; the checkpoint may be damaged (remove the file)"
+        )
     return state
 
 

@@ -59,7 +59,7 @@ def prompt_sets(
             items, source = data.load_prompts(path), str(path)
             if len(items) < n:
                 raise UserError(
-                    f"{path}: holds {len(items)} prompts, but {count_flag} {n} needs at least {n}; pass "
+                    f"{path}: holds {len(items)} prompt{'' if len(items) == 1 else 's'}, but {count_flag} {n} needs at least {n}; pass "
                     f"{count_flag} {len(items)} or a {file_flag} file with more prompts"
                 )
         else:

@@ -330,8 +330,8 @@ def full_deltas(
                 if tied and key.endswith("lm_head.weight"):
                     continue  # tied to the embeddings, which are compared under their own name
                 raise UserError(
-                    f"checkpoint {ckpt_dir} does not match base {base_dir}: tensor {key} is missing from the "
-                    "checkpoint; pass the right --base"
+                    f"checkpoint {ckpt_dir}: tensor {key} is missing (a damaged checkpoint, or one not "
+                    f"fine-tuned from {base_dir}: save it again or pass the right --base)"
                 )
             bshape, cshape = base.shape(key), ckpt.shape(key)
             if len(bshape) != 2:
