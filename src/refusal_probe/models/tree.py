@@ -149,6 +149,7 @@ class Tree:
                     f"pass {flag} DIR outside it"
                 )
 
+
 def discover(spec: str | os.PathLike, base: str | None = None) -> Tree:
     """Every checkpoint under ``spec`` plus one base checkpoint (step 0) per run, sorted by run then step.
 
