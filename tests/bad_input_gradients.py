@@ -73,7 +73,7 @@ CASES = [
     Case(
         "train-gradients-safety-pairs-bad-line",
         lambda ws: _pairs(ws, '{"prompt": "a", "response": "b"}\n{"prompt": \n'),
-        ("--safety-pairs", "pairs.jsonl", "line 2 is not JSON"),
+        ("--safety-pairs", "pairs.jsonl", "line 2 is not valid JSON"),
     ),
     Case(
         "train-gradients-safety-pairs-missing-field",
@@ -93,7 +93,7 @@ CASES = [
     Case(
         "train-gradients-token-weights-not-json",
         lambda ws: _weights(ws, "index,weights\n"),
-        ("--token-weights", "line 1 is not JSON"),
+        ("--token-weights", "line 1 is not valid JSON"),
     ),
     Case(
         "train-gradients-token-weights-repeated",

@@ -323,7 +323,7 @@ def test_token_weights_file_is_checked(tmp_path):
         ('{"index": -1, "weights": [1]}\n', 'needs "index"'),
         ('{"index": 0, "weights": [-1]}\n', "weight -1"),
         ('{"index": 0, "weights": "1"}\n', 'needs "weights"'),
-        ("not json\n", "line 1 is not JSON"),
+        ("not json\n", "line 1 is not valid JSON"),
         ("\n", "holds no weight lines"),
     ]:
         f.write_text(text)

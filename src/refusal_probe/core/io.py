@@ -68,6 +68,40 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_text_utf8(path: str | os.PathLike, where: str | None = None) -> str:
+    """A user's text file (an Excel BOM is dropped); bytes that are not UTF-8 are one error naming their line."""
+    path = Path(path)
+    where = where or str(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{where}: line {line} is not UTF-8 text ({exc.reason}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+
+
+def read_jsonl(path: str | os.PathLike, where: str | None = None) -> list[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSONL file; a line that is not JSON is one error naming it.
+
+    Lines are split on "\n" only: str.splitlines() also splits inside JSON strings (U+2028, U+0085) and miscounts.
+    """
+    where = where or str(path)
+    out = []
+    for number, line in enumerate(read_text_utf8(path, where).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{where}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix that line"
+            ) from None
+    return out
+
+
 def cache_root() -> Path:
     """``$REFUSAL_PROBE_CACHE`` or the platform's user cache dir: converted models, direction entries, locks."""
     env = os.environ.get("REFUSAL_PROBE_CACHE")

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import read_jsonl
 
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "text", "question", "behavior", "Goal")
 
@@ -42,16 +43,7 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
                 data = next((v for v in data.values() if isinstance(v, list)), [])
             prompts = _from_records(data, column, path)
         elif suffix == ".jsonl":
-            rows = []
-            for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise UserError(
-                            f"{path}: line {number} is not JSON ({exc.msg}); fix that line"
-                        ) from None
-            prompts = _from_records(rows, column, path)
+            prompts = _from_records([row for _, row in read_jsonl(path)], column, path)
         else:
             raise UserError(
                 f"{path}: unsupported prompt file type '{suffix}'; use .txt, .csv, .json or .jsonl"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import read_jsonl, read_text_utf8
 from refusal_probe.evaluate.chrf import corpus_chrf
 from refusal_probe.evaluate.judge import KeywordJudge, label_rates
 
@@ -39,19 +39,9 @@ def read_table(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, columns
 
 
-def _text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}: line {line} is not UTF-8 text ({exc.reason}); save the file as UTF-8"
-        ) from None
-
-
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.DictReader(io.StringIO(_text(path), newline=""), restval="")
+    reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""), restval="")
     try:
         rows = [{k: v for k, v in row.items() if k is not None} for row in reader]
     except csv.Error as exc:
@@ -64,16 +54,7 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     rows: list[dict[str, Any]] = []
     columns: list[str] = []
-    # split on "\n" only: str.splitlines() also splits inside JSON strings (U+2028, U+0085...) and miscounts lines
-    for i, line in enumerate(_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f"{path}: line {i} is not valid JSON ({exc.msg} at column {exc.colno}); fix that line"
-            ) from None
+    for i, obj in read_jsonl(path):
         if not isinstance(obj, dict):
             raise UserError(f"{path}: line {i} is not a JSON object; every line must be one object")
         rows.append(obj)

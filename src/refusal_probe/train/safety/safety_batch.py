@@ -9,7 +9,6 @@ task data.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from refusal_probe.core.batching import left_pad, model_device, pad_token_id, position_ids
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.hashing import cache_key
-from refusal_probe.core.io import read_json, write_json
+from refusal_probe.core.io import read_json, read_jsonl, write_json
 from refusal_probe.core.template import TEMPLATE_DATE, format_prompts
 
 SAFETY_DIR = "safety"  # inside the run folder
@@ -37,18 +36,8 @@ def read_pairs(path: str | Path, flag: str = "--safety-pairs") -> list[dict[str,
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file; pass a JSONL file of prompt/response lines")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{flag} {path}: cannot read it as UTF-8 text ({exc}); pass a JSONL file") from None
     pairs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{flag} {path}: line {number} is not JSON ({exc.msg}); fix that line") from None
+    for number, row in read_jsonl(path, f"{flag} {path}"):
         ok = isinstance(row, dict) and all(
             isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "response")
         )

@@ -22,7 +22,6 @@ examples without a line keep weight 1.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from refusal_probe.core.errors import UserError
+from refusal_probe.core.io import read_jsonl
 
 
 def builtin_weight(cos: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -67,18 +67,8 @@ def read_token_weights(path: str | Path, flag: str = "--token-weights") -> dict[
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f'{flag} {path}: no such file; pass a JSONL file of {{"index", "weights"}} lines')
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{flag} {path}: cannot read it as UTF-8 text ({exc}); pass a JSONL file") from None
     out: dict[int, list[float]] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{flag} {path}: line {number} is not JSON ({exc.msg}); fix that line") from None
+    for number, row in read_jsonl(path, f"{flag} {path}"):
         index = row.get("index") if isinstance(row, dict) else None
         weights = row.get("weights") if isinstance(row, dict) else None
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
