@@ -202,3 +202,22 @@ CASES = [
     ),
     Case("directions-dtype-unknown", lambda ws: _directions(ws, "--dtype", "int8"), ("--dtype", "int8")),
 ]
+
+CASES += [
+    Case(
+        "analyze-too-few-prompts-for-separability",
+        lambda ws: [
+            "analyze",
+            ws.run(),
+            "--n-prompts",
+            "2",
+            "--n-val",
+            "2",
+            "--layer",
+            "1",
+            "--position",
+            "-1",
+        ],
+        ("--n-prompts 2", "--no-separability"),
+    ),
+]

@@ -76,10 +76,11 @@ def base_reference(
     from refusal_probe.models.source import load_model
     from refusal_probe.probe import direction_cache
     from refusal_probe.probe.refusal_tokens import refusal_token_ids
-    from refusal_probe.probe.select import select_direction
+    from refusal_probe.probe.select import check_layer, select_direction
     from refusal_probe.probe.settings import DEFAULT_RULES
 
     model, tok = load_model(base_dir, device=settings.device, quant=quant)
+    check_layer(model, settings.layer)
     harmful, harmless = capture_pair(model, tok, sets, settings, label="base")
     ids = refusal_token_ids(tok)
     search = settings.resolved_search()

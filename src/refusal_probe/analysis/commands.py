@@ -48,5 +48,6 @@ def _analyze(args: argparse.Namespace) -> int:
 
     settings = build(AnalyzeSettings, cli_values(args))
     out = analyze(args.ckpt, args.out, args.base, settings, args.shard, args.behaviour)
-    print(f"analysis written to {out}" + ("" if args.shard else f" (report: {out / 'report.md'})"))
+    if not args.shard:  # a shard only fills the cache; it says so itself
+        print(f"analysis written to {out} (report: {out / 'report.md'})")
     return 0

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from refusal_probe.core.errors import UserError
 from refusal_probe.core.hashing import sha256_file
 from refusal_probe.core.settings import opt
-from refusal_probe.probe.settings import PromptSettings
+from refusal_probe.probe.settings import SEPARABILITY_MIN, PromptSettings
 
 CACHE_FORMAT = "refusal-probe/analysis-cache/3"  # bump whenever a cached number changes meaning
 
@@ -29,6 +30,15 @@ class AnalyzeSettings(PromptSettings):
 
     def n_extract(self) -> int:
         return self.n_prompts
+
+    def check(self):
+        super().check()
+        if self.separability and self.n_prompts < SEPARABILITY_MIN:
+            raise UserError(
+                f"--n-prompts {self.n_prompts}: the separability probes hold out a quarter of the prompts and need "
+                f"at least {SEPARABILITY_MIN} each; pass --n-prompts {SEPARABILITY_MIN} or more, or --no-separability"
+            )
+        return self
 
     def key_fields(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME + ignore}

@@ -13,6 +13,7 @@ import torch
 from refusal_probe.core.errors import UserError
 from refusal_probe.probe.activations import Activations
 from refusal_probe.probe.measures import cosine, mean_difference, norm_ratio, project
+from refusal_probe.probe.settings import SEPARABILITY_TEST_FRACTION
 
 DRIFT_METRICS = ("cos_to_base", "norm_ratio", "proj_harmful", "proj_harmless", "proj_gap")
 SEPARABILITY_METRICS = ("probe_acc", "diffmean_acc")
@@ -130,7 +131,11 @@ def probe_accuracy(
 
 
 def separability_rows(
-    harmful: Activations, harmless: Activations, position: int, seed: int = 0, test_fraction: float = 0.25
+    harmful: Activations,
+    harmless: Activations,
+    position: int,
+    seed: int = 0,
+    test_fraction: float = SEPARABILITY_TEST_FRACTION,
 ) -> list[dict]:
     """Per layer held-out accuracy of a logistic probe (``probe_acc``) and of the diff-of-means rule (``diffmean_acc``)."""
     if harmful.per_prompt is None or harmless.per_prompt is None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from refusal_probe.core.batching import model_device
 from refusal_probe.core.errors import UserError
+from refusal_probe.models.handle import decoder_layers
 from refusal_probe.probe import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 from refusal_probe.probe.candidates import choose, layer_cutoff
 from refusal_probe.probe.direction_result import DirectionResult
@@ -27,6 +28,17 @@ def sample_prompts(prompts: list[str], n: int | None, seed: int) -> list[str]:
     if n is None or n >= len(prompts):
         return list(prompts)
     return random.Random(seed).sample(list(prompts), n)
+
+
+def check_layer(model, layer: int | None) -> None:
+    """A forced --layer must exist; checked before any activation is captured (the costly part)."""
+    if layer is None:
+        return
+    n_blocks = len(decoder_layers(model))
+    if not -n_blocks <= layer < n_blocks:
+        raise UserError(
+            f"--layer {layer} is out of range: the model has {n_blocks} decoder blocks (0..{n_blocks - 1})"
+        )
 
 
 def select_direction(
@@ -69,6 +81,7 @@ def select_direction(
     harmless_val_s = sample_prompts(harmless_val, n_val, seed)
     ids = list(refusal_ids) if refusal_ids is not None else refusal_token_ids(tokenizer)
 
+    check_layer(model, layer)
     kw: dict[str, Any] = dict(batch_size=batch_size, backend=backend, progress=progress)
     if activations is not None:  # already captured by the caller on exactly these train prompts
         harmful_acts, harmless_acts = activations

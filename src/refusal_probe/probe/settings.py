@@ -18,6 +18,10 @@ from refusal_probe.core.settings import Settings, flag, opt
 from refusal_probe.evaluate.judge import JUDGES
 from refusal_probe.probe import DEFAULT_BATCH_SIZE, DEFAULT_SEED
 
+# the separability probes hold out this fraction of each class; both splits need a prompt of each class
+SEPARABILITY_TEST_FRACTION = 0.25
+SEPARABILITY_MIN = 4  # = ceil(1 / 0.25): the fewest prompts per class that leave one in the test split
+
 
 @dataclass(frozen=True)
 class SelectionRules:
