@@ -95,6 +95,10 @@ def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, 
             "then run this same command without --shard to assemble the tables"
         )
         return out
+    print(
+        f"{computed} checkpoint(s) computed, {len(todo) - computed} taken from the cache ({cache})",
+        file=sys.stderr,
+    )
     written = assemble(
         spec, out, tree, refs, entries, settings, sets, beh, beh_path, notes, time.time() - started
     )
