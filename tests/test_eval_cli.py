@@ -296,3 +296,12 @@ def test_settings_and_data():
     assert len(xstest_safe_prompts()) == 250
     assert safe_name("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen--Qwen2.5-0.5B-Instruct"
     assert safe_name("qwen2.5-coder-0.5b-instruct") == "qwen2.5-coder-0.5b-instruct"
+
+
+def test_one_base_folder_however_its_path_is_spelled(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    names = {safe_name("tiny"), safe_name("./tiny"), safe_name(str(tmp_path / "models" / "tiny"))}
+    monkeypatch.chdir(tmp_path)
+    names.add(safe_name("models/tiny"))
+    assert len(names) == 1 and names.pop().startswith("tiny-")

@@ -27,6 +27,7 @@ from refusal_probe.core.hashing import cache_key
 from refusal_probe.core.io import atomic_write, read_json, safe_filename
 from refusal_probe.evaluate.judge import LABELS
 from refusal_probe.evaluate.settings import EvalSettings
+from refusal_probe.models.source import looks_local
 
 SUMMARY_FORMAT = "refusal-probe/eval/1"
 EVAL_JSON_FORMAT = "refusal-probe/eval-tree/1"
@@ -36,10 +37,11 @@ BASE_DIR = "_base"
 
 
 def safe_name(spec: str) -> str:
-    """A folder name for a model spec: a path's last component plus a short hash of the full spec, or the spec
-    itself with '/' as '--' (hub ids, embedded names)."""
+    """A folder name for a model spec: a local path's last component plus a short hash of its resolved path (the
+    same folder for ``tiny``, ``./tiny`` and ``../x/tiny``), or the spec itself with '/' as '--' (hub ids,
+    embedded names)."""
     text = str(spec)
-    if "/" in text and (text.startswith((".", "/", "~")) or Path(text).expanduser().exists()):
+    if looks_local(text) or Path(text).expanduser().exists():  # one folder however the path was spelled
         digest = hashlib.sha256(str(Path(text).expanduser().resolve()).encode()).hexdigest()[:8]
         text = f"{Path(text).name}-{digest}"
     return safe_filename(text.replace("/", "--"))
