@@ -182,14 +182,36 @@ def test_study_layout_analyze_and_eval_find_every_checkpoint(study_tree, tiny_ll
     rows = pd.read_csv(out / "checkpoints.csv")
     keys = set(zip(rows["run"], rows["step"], strict=True))
     assert len(keys) == 15  # 3 bases + 4 + 4 + 4 checkpoints
-    assert ("tiny-translation-lora-lr0.0001-bs8", 10) in keys
-    assert set(rows[rows["run"] == "pref-lr1e-05"]["method"]) == {"dpo"}
+    want = {  # run -> (method, lr, [(step, fraction)])
+        "tiny-translation-full-lr5e-05-bs8": (
+            "full",
+            5e-5,
+            [(0, 0.0), (2, 0.25), (4, 0.5), (6, 0.75), (8, 1.0)],
+        ),
+        "tiny-translation-lora-lr0.0001-bs8": (
+            "lora",
+            1e-4,
+            [(0, 0.0), (3, 0.3), (6, 0.6), (9, 0.9), (10, 1.0)],
+        ),
+        "pref-lr1e-05": ("dpo", 1e-5, [(0, 0.0), (1, 0.25), (2, 0.5), (3, 0.75), (4, 1.0)]),
+    }
+    for run, (method, lr, steps) in want.items():
+        got = rows[rows["run"] == run].sort_values("step")
+        assert set(got["method"]) == {method} and got["lr"].tolist() == [lr] * 5
+        assert list(zip(got["step"].astype(int), got["fraction"], strict=True)) == steps
 
     ev = tmp_path / "eval"
     assert main(["eval", str(study_tree), "--base", str(tiny_llama), "--out", str(ev), *EVAL]) == 0
     with open(ev / "behaviour.csv", newline="") as f:
         beh = [r for r in csv.DictReader(f) if r["metric"] == "refusal_rate"]
     assert {(r["run"], int(r["step"])) for r in beh} == keys
+    for run, (method, lr, steps) in want.items():
+        got = sorted(
+            (int(r["step"]), float(r["fraction"]), r["method"], float(r["lr"]))
+            for r in beh
+            if r["run"] == run
+        )
+        assert got == [(step, fraction, method, lr) for step, fraction in steps]
     assert {p: p.stat().st_mtime_ns for p in study_tree.rglob("*") if p.is_file()} == before
 
 
