@@ -198,6 +198,8 @@ def test_rerun_recomputes_only_what_changed(tree, analysed, tiny_llama):
     summary = json.loads((out / "summary.json").read_text())
     assert "weight_deltas.csv" not in summary["tables"]
     assert all((out / name).is_file() for name in summary["tables"] + summary["figures"])
+    # the correlations table's intervals are described with their bootstrap count
+    assert "2000 bootstrap resamples" in summary["how"]["correlations"]
 
 
 @pytest.mark.parametrize(

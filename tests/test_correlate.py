@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pandas as pd
 import pytest
 
 from refusal_probe.analysis.correlate import (
+    CORRELATIONS_HOW,
     best_layer,
     correlate,
     exact_spearman_p,
@@ -14,6 +16,7 @@ from refusal_probe.analysis.correlate import (
     per_layer_correlation,
     strongest,
 )
+from refusal_probe.analysis.uncertainty import partial_corr, run_bootstrap, weighted_ranks
 from refusal_probe.core.errors import UserError
 
 
@@ -141,3 +144,129 @@ def test_per_layer_correlation_finds_tracking_layer():
     assert abs(rho[1]) < 1.0
     assert per_layer_correlation(pd.DataFrame(drift), None).empty
     assert per_layer_correlation(pd.DataFrame(drift), pd.DataFrame(beh), y="xstest_refusal_rate").empty
+
+
+# ------------------------------------------------------------------------- run bootstrap and partial correlation
+
+
+def _three_runs():
+    """3 runs sharing one base (step 0, identical values) with 2 checkpoints each: 9 rows, 7 distinct points."""
+    x = [1.0, 0.9, 0.7, 1.0, 0.95, 0.9, 1.0, 0.6, 0.5]
+    y = [0.9, 0.8, 0.5, 0.9, 0.7, 0.85, 0.9, 0.4, 0.45]
+    runs = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    step = [0, 10, 20] * 3
+    return np.array(x), np.array(y), np.array(runs), np.array(step) == 0
+
+
+def test_run_bootstrap_equals_percentiles_over_exact_enumeration():
+    x, y, runs, is_base = _three_runs()
+    draws = np.array(list(itertools.product(range(3), repeat=3)))  # all 27 equally likely run resamples
+    res = run_bootstrap(x, y, runs, is_base, resamples=draws)
+    assert res["n_runs"] == 3 and res["n_points"] == 7
+    pear, spear = [], []
+    for draw in draws:
+        # materialise the resample: the base once, then every checkpoint of each drawn run (copies included)
+        idx = [0] + [i for r in draw for i in range(3 * r + 1, 3 * r + 3)]
+        s = pair_stats(x[idx], y[idx])
+        pear.append(s["pearson_r"])
+        spear.append(s["spearman_rho"])
+    for name, vals in (("pearson", pear), ("spearman", spear)):
+        vals = np.array(vals)
+        lo, hi = np.percentile(vals[np.isfinite(vals)], [2.5, 97.5])
+        assert res[f"{name}_ci_low"] == pytest.approx(lo, abs=1e-12)
+        assert res[f"{name}_ci_high"] == pytest.approx(hi, abs=1e-12)
+    # the resample that draws each run once is the data itself: a zero-width interval at the point estimate
+    same = run_bootstrap(x, y, runs, is_base, resamples=np.array([[0, 1, 2]]))
+    point = pair_stats(x[[0, 1, 2, 4, 5, 7, 8]], y[[0, 1, 2, 4, 5, 7, 8]])
+    assert same["pearson_ci_low"] == same["pearson_ci_high"] == pytest.approx(point["pearson_r"], abs=1e-12)
+    assert same["spearman_ci_low"] == pytest.approx(point["spearman_rho"], abs=1e-12)
+
+
+def test_weighted_ranks_average_ties_over_copies():
+    # values 3, 1, 3 with copies 1, 2, 1 -> data 3, 1, 1, 3: ranks of 1 = 1.5, of 3 = 3.5
+    ranks = weighted_ranks(np.array([3.0, 1.0, 3.0]), np.array([[1.0, 2.0, 1.0]]))
+    assert ranks.tolist() == [[3.5, 1.5, 3.5]]
+
+
+def test_run_bootstrap_seeded_and_too_few_runs():
+    x, y, runs, is_base = _three_runs()
+    a = run_bootstrap(x, y, runs, is_base, n_boot=200, seed=3)
+    assert a == run_bootstrap(x, y, runs, is_base, n_boot=200, seed=3)
+    assert a["pearson_ci_low"] <= a["pearson_ci_high"]
+    one = run_bootstrap(x[:3], y[:3], runs[:3], is_base[:3])
+    assert one["n_runs"] == 1 and one["n_points"] == 3 and np.isnan(one["pearson_ci_low"])
+
+
+def test_run_level_interval_wider_than_checkpoint_level_for_clustered_data():
+    # 6 runs whose 5 checkpoints sit tightly around a run-level point: 30 checkpoints, but only 6 independent runs
+    rng = np.random.default_rng(1)
+    centre_x = rng.normal(size=6)
+    centre_y = 0.5 * centre_x + rng.normal(size=6)
+    x = np.repeat(centre_x, 5) + 0.05 * rng.normal(size=30)
+    y = np.repeat(centre_y, 5) + 0.05 * rng.normal(size=30)
+    runs = np.repeat(np.arange(6), 5)
+    no_base = np.zeros(30, dtype=bool)
+    by_run = run_bootstrap(x, y, runs, no_base)
+    by_checkpoint = run_bootstrap(x, y, np.arange(30), no_base)  # every checkpoint its own cluster
+    assert by_run["n_runs"] == 6 and by_checkpoint["n_runs"] == 30
+    for name in ("pearson", "spearman"):
+        width_run = by_run[f"{name}_ci_high"] - by_run[f"{name}_ci_low"]
+        width_ckpt = by_checkpoint[f"{name}_ci_high"] - by_checkpoint[f"{name}_ci_low"]
+        assert width_run > 1.5 * width_ckpt
+
+
+def _closed_form(a, b, c):
+    r = np.corrcoef(np.vstack([a, b, c]))
+    return (r[0, 1] - r[0, 2] * r[1, 2]) / math.sqrt((1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2))
+
+
+def test_partial_corr_hand_worked():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    y = np.array([2.0, 1.0, 4.0, 3.0, 6.0])
+    z = np.array([1.0, 3.0, 2.0, 5.0, 4.0])
+    # by hand: dx = -2..2, dy = -1.2,-2.2,.8,-.2,2.8, dz = -2,0,-1,2,1; Sxx = 10, Syy = 14.8, Szz = 10,
+    # Sxy = 10, Sxz = 8, Syz = 4 -> r_xy = 10/sqrt(148), r_xz = 0.8, r_yz = 4/sqrt(148)
+    r_xy, r_xz, r_yz = 10 / math.sqrt(148), 0.8, 4 / math.sqrt(148)
+    expected = (r_xy - r_xz * r_yz) / math.sqrt((1 - r_xz**2) * (1 - r_yz**2))
+    assert expected == pytest.approx(_closed_form(x, y, z), abs=1e-12)
+    p = partial_corr(x, y, z)
+    assert p["n"] == 5 and p["pearson_r"] == pytest.approx(expected, abs=1e-12)
+    # Spearman variant: the same on ranks (y ranks 2,1,4,3,5)
+    assert p["spearman_rho"] == pytest.approx(_closed_form(x, [2, 1, 4, 3, 5], z), abs=1e-12)
+    # the bootstrap's weighted closed form agrees at the data itself (each point its own run, drawn once)
+    same = run_bootstrap(x, y, np.arange(5), np.zeros(5, dtype=bool), z, resamples=np.arange(5)[None])
+    assert same["pearson_ci_low"] == pytest.approx(expected, abs=1e-12)
+    assert same["spearman_ci_high"] == pytest.approx(p["spearman_rho"], abs=1e-12)
+    # z explaining y exactly leaves nothing to correlate; too few points gives NaN
+    assert np.isnan(partial_corr(x, 2 * z + 1, z)["pearson_r"])
+    assert np.isnan(partial_corr(x[:3], y[:3], z[:3])["pearson_r"])
+
+
+def test_correlate_adds_run_intervals_and_partial_rows():
+    t = _table()
+    t["delta_fro_total"] = [0.0, 1.0, 2.0, 3.0, 0.0, 0.5, 0.7, 0.9]
+    res = correlate(t, ["cos_to_base_at_rl", "delta_fro_total"], ["refusal_rate", "chrf"])
+    for col in (
+        "pearson_ci_low",
+        "pearson_ci_high",
+        "spearman_ci_low",
+        "spearman_ci_high",
+        "n_runs",
+        "control",
+    ):
+        assert col in res.columns
+    plain = res[res["control"] == ""]
+    allr = plain[(plain["group"] == "all") & (plain["y"] == "refusal_rate")].iloc[0]
+    assert allr["n_runs"] == 2 and allr["pearson_ci_low"] <= allr["pearson_ci_high"]
+    assert plain.loc[plain["group"] == "full", "n_runs"].eq(1).all()  # one run: no interval
+    assert plain.loc[plain["group"] == "full", "pearson_ci_low"].isna().all()
+    part = res[res["control"] == "delta_fro_total"]
+    assert set(part["x"]) == {"cos_to_base_at_rl"} and set(part["y"]) == {"refusal_rate"}
+    assert set(part["group"]) == {"all", "full", "lora"}
+    p_all = part[part["group"] == "all"].iloc[0]
+    d = t.drop(index=4)  # the shared base once
+    expected = _closed_form(d["cos_to_base_at_rl"], d["refusal_rate"], d["delta_fro_total"])
+    assert p_all["n"] == 7 and p_all["pearson_r"] == pytest.approx(expected, abs=1e-12)
+    assert "2000 bootstrap resamples" in CORRELATIONS_HOW
+    # partial rows never displace the plain ones in the report's strongest list
+    assert (strongest(res, k=20)["control"] == "").all()

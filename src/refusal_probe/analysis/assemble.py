@@ -165,7 +165,7 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
         ],
         "settings": settings.key_fields(),
         "prompts": {k: {"n": len(v), "source": sets.sources[k]} for k, v in sets.prompts.items()},
-        "how": HOW,
+        "how": {**HOW, "correlations": correlate.CORRELATIONS_HOW},
         "behaviour": str(beh_path) if beh_path else None,
         "signatures": signatures(beh),
         "elapsed_s": round(elapsed, 1),

@@ -3,6 +3,10 @@
 Each checkpoint is one point. The base model is step 0 of every run, so it appears once per run in the tables;
 it is counted once per distinct base here (step-0 rows with identical measurements are merged), otherwise n and
 the p-values would be inflated by copies of the same model.
+
+Checkpoints of one run are not independent either: each row also carries a 95% interval from a bootstrap that
+resamples whole runs (``uncertainty.run_bootstrap``), and rows with ``control`` = delta_fro_total give the partial
+correlation of each internal metric with refusal rate once the size of the weight update is partialled out.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from refusal_probe.analysis import uncertainty
 from refusal_probe.core.errors import UserError, require
 
 DEFAULT_X = (
@@ -28,6 +33,21 @@ DEFAULT_Y = ("refusal_rate", "chrf")
 MIN_POINTS = 3
 EXACT_MAX_N = 8  # exact Spearman p-values up to 8! = 40,320 pairings
 RESULT_COLUMNS = ("x", "y", "group", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p")
+CI_COLUMNS = ("pearson_ci_low", "pearson_ci_high", "spearman_ci_low", "spearman_ci_high", "n_runs")
+# partial correlations: each internal metric with refusal rate, the size of the weight update partialled out
+PARTIAL_Y = "refusal_rate"
+PARTIAL_Z = "delta_fro_total"
+TABLE_COLUMNS = (*RESULT_COLUMNS, *CI_COLUMNS, "control")
+CORRELATIONS_HOW = (
+    "one row per (x, y, group): Pearson r and Spearman rho over checkpoints (the base once per distinct base), "
+    "p-values treating checkpoints as independent; pearson_ci_low/high and spearman_ci_low/high are the 2.5 and "
+    f"97.5 percentiles over {uncertainty.N_BOOT} bootstrap resamples (seed {uncertainty.SEED}) that draw whole "
+    "runs with replacement (all checkpoints of a drawn run together, a shared base once), n_runs the runs "
+    "resampled, NaN with fewer than 2 runs. Rows with control = "
+    f"{PARTIAL_Z} are partial correlations of x with {PARTIAL_Y} controlling for {PARTIAL_Z} (x and y each "
+    "residualised on it by least squares, Pearson on values, Spearman on ranks; p not computed), with their own "
+    "run-bootstrap interval."
+)
 
 
 def pair_stats(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -128,8 +148,65 @@ def correlate(
                 s = pair_stats(df[x].to_numpy(dtype=np.float64), df[y].to_numpy(dtype=np.float64))
                 if group != "all" and s["n"] < MIN_POINTS:
                     continue
-                rows.append({"x": x, "y": y, "group": group, **s})
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+                ci = _interval(_group_source(checkpoint_table, group), x, y)
+                rows.append({"x": x, "y": y, "group": group, **s, **ci, "control": ""})
+    if PARTIAL_Y in y_cols and PARTIAL_Z in cols:
+        rows += _partial_rows(checkpoint_table, [x for x in x_cols if x not in (PARTIAL_Y, PARTIAL_Z)])
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _group_source(table: pd.DataFrame, group: str) -> pd.DataFrame:
+    """The rows a group's bootstrap resamples: every run ("all") or a method's runs, base rows not yet deduped."""
+    if group == "all":
+        return table
+    runs = table.loc[table["method"] == group, "run"].unique()
+    return table[table["run"].isin(runs)]
+
+
+def _interval(df: pd.DataFrame, x: str, y: str, z: str | None = None) -> dict:
+    """Run-bootstrap interval columns for one group (NaN without a run column)."""
+    if "run" not in df.columns:
+        return {c: np.nan for c in CI_COLUMNS[:4]} | {"n_runs": 0}
+    is_base = df["step"].eq(0).to_numpy() if "step" in df.columns else np.zeros(len(df), dtype=bool)
+    res = uncertainty.run_bootstrap(
+        df[x].to_numpy(dtype=np.float64),
+        df[y].to_numpy(dtype=np.float64),
+        df["run"].astype(str).to_numpy(),
+        is_base,
+        None if z is None else df[z].to_numpy(dtype=np.float64),
+    )
+    return {c: res[c] for c in CI_COLUMNS}
+
+
+def _partial_rows(table: pd.DataFrame, x_cols: Sequence[str]) -> list[dict]:
+    """Partial correlation of each x with PARTIAL_Y given PARTIAL_Z, for all runs and per method (>= 4 points)."""
+    y, z = PARTIAL_Y, PARTIAL_Z
+    groups = ["all"]
+    if "method" in table.columns:
+        groups += sorted(str(m) for m in table["method"].dropna().unique() if m)
+    rows = []
+    for x in x_cols:
+        for group in groups:
+            src = _group_source(table, group)
+            df = dedupe_base(src, [x, y, z])
+            p = uncertainty.partial_corr(df[x].to_numpy(), df[y].to_numpy(), df[z].to_numpy())
+            if group != "all" and p["n"] < uncertainty.MIN_POINTS_PARTIAL:
+                continue
+            rows.append(
+                {
+                    "x": x,
+                    "y": y,
+                    "group": group,
+                    "n": p["n"],
+                    "pearson_r": p["pearson_r"],
+                    "pearson_p": np.nan,
+                    "spearman_rho": p["spearman_rho"],
+                    "spearman_p": np.nan,
+                    **_interval(src, x, y, z),
+                    "control": z,
+                }
+            )
+    return rows
 
 
 def per_layer_correlation(
@@ -193,9 +270,12 @@ def best_layer(per_layer: pd.DataFrame, group: str = "all") -> dict | None:
 
 
 def strongest(correlations: pd.DataFrame, k: int = 10, min_n: int = MIN_POINTS) -> pd.DataFrame:
-    """The k pairs with the largest |spearman_rho| (finite, n >= min_n), strongest first, larger n first on ties."""
+    """The k plain (not partial) pairs with the largest |spearman_rho| (finite, n >= min_n), strongest first, larger n
+    first on ties."""
     if correlations is None or not len(correlations):
         return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    if "control" in correlations.columns:  # plain correlations only: a partial one is a different question
+        correlations = correlations[correlations["control"].fillna("") == ""]
     c = correlations[(correlations["n"] >= min_n) & np.isfinite(correlations["spearman_rho"].astype(float))]
     # ties in |rho| (e.g. several perfect rank orders) go to the pair backed by more checkpoints
     key = pd.DataFrame({"abs": c["spearman_rho"].astype(float).abs().round(10), "n": c["n"]})
