@@ -12,6 +12,7 @@ read as runs are kept in ``Tree.skipped`` with the reason, so the terminal and s
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -539,24 +540,40 @@ def _lr(manifest, name: str) -> tuple[float | None, str]:
     return None, ""
 
 
+# value types of the trainer_state.json keys read here; another type means a damaged file
+STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "global_step": int,
+    "max_steps": int,
+    "log_history": list,
+    "epoch": (int, float),
+    "num_train_epochs": (int, float),
+}
+
+
 def _trainer_state(d: Path) -> dict:
+    """A checkpoint's trainer_state.json ({} without one), read once per discovery however often it is asked for:
+    step, fraction and method each look at several folders' states, and a long run's log_history is large."""
     path = d / "trainer_state.json"
     if not path.is_file():
         return {}
+    st = path.stat()
+    return _read_trainer_state(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _read_trainer_state(path: str, mtime_ns: int, size: int) -> dict:
+    """Keyed by modification time and size too, so a rewritten file is read again. Callers only read the dict."""
     try:
         state = read_json(path)
     except (OSError, ValueError):
         raise UserError(
             f"{path}: not valid JSON; the checkpoint may be incomplete (remove the file or the folder)"
         ) from None
-    types: dict[str, type | tuple[type, ...]] = {
-        "global_step": int,
-        "max_steps": int,
-        "log_history": list,
-        "epoch": (int, float),
-        "num_train_epochs": (int, float),
-    }
-    bad = [k for k, t in types.items() if k in state and state[k] is not None and not isinstance(state[k], t)]
+    bad = [
+        k
+        for k, t in STATE_TYPES.items()
+        if isinstance(state, dict) and state.get(k) is not None and not isinstance(state[k], t)
+    ]
     if not isinstance(state, dict) or bad:
         what = f"'{bad[0]}' has the wrong type" if isinstance(state, dict) else "expected a JSON object"
         raise UserError(
