@@ -3,9 +3,7 @@ that `directions` shares) and its drift/separability rows against itself."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from refusal_probe.analysis.cache import note_corrupt
 from refusal_probe.analysis.measure import capture_pair, internal_rows
 from refusal_probe.analysis.settings import CACHE_FORMAT, AnalyzeSettings
 from refusal_probe.core.hashing import cache_key, model_fingerprint
-from refusal_probe.core.io import read_json, safe_filename, write_json
+from refusal_probe.core.io import atomic_dir, read_json, safe_filename, write_json
 from refusal_probe.models.quant import QuantSpec
 from refusal_probe.probe.prompts import PromptSets
 
@@ -134,14 +132,9 @@ def base_reference(
 def _save(folder: Path, result, rows: dict) -> None:
     """Write the reference whole (a temporary folder renamed into place): shards of an array job that compute the
     same base side by side never read half of one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         result.save(tmp)
         write_json(tmp / ROWS_JSON, rows)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another task stored the same reference first: theirs is the same
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(folder, write)  # another task that stored the same reference first stored the same numbers

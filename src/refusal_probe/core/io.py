@@ -43,6 +43,28 @@ def _umask() -> int:
     return mask
 
 
+def atomic_dir(folder: str | os.PathLike, write: Callable[[Path], object], replace: bool = False) -> Path:
+    """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``folder``: a reader (another shard of
+    an array job, say) never sees half of one. A ``folder`` already there is swapped for the new one with
+    ``replace``; otherwise it is kept (another process stored the same content first)."""
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        if replace and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # stored by another process first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from refusal_probe.core.hashing import cache_key, model_fingerprint
-from refusal_probe.core.io import cache_root
+from refusal_probe.core.io import atomic_dir, cache_root
 from refusal_probe.probe.direction_result import FORMAT, DirectionResult
 from refusal_probe.probe.settings import SelectionRules
 
@@ -83,20 +81,7 @@ def load(key: str) -> DirectionResult | None:
 
 def store(key: str, result: DirectionResult) -> Path:
     """Write the entry whole (into a temporary folder renamed into place): a reader never sees half of one."""
-    folder = entry(key)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-    try:
-        result.save(tmp)
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process stored the same entry first: theirs is as good
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return atomic_dir(entry(key), result.save, replace=True)
 
 
 def rechoose(saved: DirectionResult, layer: int | None, position: int | None) -> DirectionResult:
