@@ -204,6 +204,11 @@ def _alone(model_dir: Path, name: str, spec: str, base: str | None) -> Tree:
     """A model that is not a folder of ours (embedded, hub, .gguf): on its own, or against --base."""
     if base:
         return Tree(None, _with_base([model_dir], model_dir, base, name))
+    return _on_its_own(None, name, model_dir, spec, {"base": "argument", "step": "base", "fraction": "base"})
+
+
+def _on_its_own(root: Path | None, name: str, model_dir: Path, spec: str, meta: dict[str, str]) -> Tree:
+    """A model measured as its own reference (directions, no drift), and a note that says so and names --base."""
     ckpt = Checkpoint(
         name,
         model_dir,
@@ -211,13 +216,10 @@ def _alone(model_dir: Path, name: str, spec: str, base: str | None) -> Tree:
         spec,
         step=0,
         fraction=0.0,
-        meta_source={"base": "argument", "step": "base", "fraction": "base"},
+        meta_source=meta,
     )
-    return Tree(
-        None,
-        [ckpt],
-        notes=[f"{spec}: one model on its own (no drift); pass --base MODEL to compare it with its base"],
-    )
+    note = f"{spec}: a model on its own, analysed without a base (no drift); pass --base MODEL to compare it with its base"
+    return Tree(root, [ckpt], notes=[note])
 
 
 def _single(folder: Path, base: str | None) -> Tree:
@@ -228,22 +230,8 @@ def _single(folder: Path, base: str | None) -> Tree:
     if base or evident or manifest:
         name = _run_name(manifest, run_dir.name)
         return Tree(folder, _with_base([folder], folder.parent if manifest else folder, base, name, manifest))
-    ckpt = Checkpoint(
-        folder.name,
-        folder,
-        Kind.BASE,
-        str(folder),
-        step=0,
-        fraction=0.0,
-        meta_source={"base": "self", "step": "self", "fraction": "self"},
-    )
-    return Tree(
-        folder,
-        [ckpt],
-        notes=[
-            f"{folder}: a model on its own, analysed without a base (no drift); "
-            "pass --base MODEL to compare it with its base"
-        ],
+    return _on_its_own(
+        folder, folder.name, folder, str(folder), {"base": "self", "step": "self", "fraction": "self"}
     )
 
 
