@@ -12,7 +12,7 @@ from refusal_probe.core.hashing import sha256_file
 from refusal_probe.core.settings import opt
 from refusal_probe.probe.settings import SEPARABILITY_MIN, PromptSettings
 
-CACHE_FORMAT = "refusal-probe/analysis-cache/3"  # bump whenever a cached number changes meaning
+CACHE_FORMAT = "refusal-probe/analysis-cache/4"  # bump whenever a cached number changes meaning
 
 
 @dataclass
