@@ -1,0 +1,152 @@
+"""The held-out refusal-rate predictor and the per-prompt AUROC against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from refusal_probe.analysis import predict
+
+
+def _table() -> pd.DataFrame:
+    """3 runs x 2 checkpoints: refusal = 0.1 x + offset, offsets 0, 0.2, 0.4 (a base row each, left out)."""
+    rows = []
+    for run, off, method in (("A", 0.0, "full"), ("B", 0.2, "lora"), ("C", 0.4, "dpo")):
+        rows.append(dict(run=run, checkpoint="base", method=method, step=0, x=0.0, refusal_rate=0.75))
+        for step, x in ((1, 0.0), (2, 1.0)):
+            rows.append(
+                dict(
+                    run=run, checkpoint=f"c{step}", method=method, step=step, x=x, refusal_rate=off + 0.1 * x
+                )
+            )
+    return pd.DataFrame(rows)
+
+
+def test_loro_linear_fit_by_hand():
+    rows = predict.evaluation_rows(_table(), None)
+    assert len(rows) == 6 and "base" not in set(rows["checkpoint"])
+    model = predict.linear_model("x", ["x"], ridge=0.0)
+    pred = predict.held_out(rows, pd.DataFrame(), model, "run", alpha=0.5)
+    got = {(r.run, r.checkpoint): r.predicted for r in pred.itertuples()}
+    # held out A: fit on B, C -> slope 0.1, intercept 0.3; B: on A, C -> 0.2 (exact); C: on A, B -> 0.1
+    want = {("A", "c1"): 0.3, ("A", "c2"): 0.4, ("B", "c1"): 0.2, ("B", "c2"): 0.3, ("C", "c1"): 0.1}
+    want[("C", "c2")] = 0.2
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-9)
+    s = predict.score(pred)
+    assert s["mae"] == pytest.approx((0.3 + 0.3 + 0 + 0 + 0.3 + 0.3) / 6)
+    assert s["mae_by_held_out"]["B"] == pytest.approx(0.0, abs=1e-9)
+    assert s["worst"]["mae"] == pytest.approx(0.3)
+    # A's interval: nested residuals (fit C -> B: -0.2, -0.2; fit B -> C: +0.2, +0.2), alpha 0.5 -> 3rd of 4 = 0.2
+    a = pred[pred["run"] == "A"].sort_values("checkpoint")
+    assert a["low"].tolist() == pytest.approx([0.1, 0.2])
+    assert a["high"].tolist() == pytest.approx([0.5, 0.6])
+    # with alpha 0.1 four residuals cannot give a 90% interval: the whole [0, 1]
+    wide = predict.held_out(rows, pd.DataFrame(), model, "run", alpha=0.1)
+    assert (wide["low"] == 0).all() and (wide["high"] == 1).all()
+
+
+def test_lomo_is_loro_when_each_method_has_one_run():
+    rows = predict.evaluation_rows(_table(), None)
+    model = predict.linear_model("x", ["x"], ridge=0.0)
+    loro = predict.held_out(rows, pd.DataFrame(), model, "run")
+    lomo = predict.held_out(rows, pd.DataFrame(), model, "method")
+    assert loro["predicted"].tolist() == pytest.approx(lomo["predicted"].tolist())
+
+
+def test_fit_linear_exact():
+    coef = predict.fit_linear(np.array([[0.0], [1.0], [2.0]]), np.array([1.0, 3.0, 5.0]))
+    assert coef == pytest.approx([1.0, 2.0])
+    assert predict.apply_linear(coef, np.array([[3.0]])) == pytest.approx([7.0])
+
+
+def test_conformal_halfwidth_by_hand():
+    r = [0.1, -0.4, 0.2, 0.3]
+    assert predict.conformal_halfwidth(r, 0.2) == pytest.approx(0.4)  # ceil(5 * 0.8) = 4th smallest |r|
+    assert predict.conformal_halfwidth(r, 0.5) == pytest.approx(0.3)  # ceil(5 * 0.5) = 3rd
+    assert predict.conformal_halfwidth([0.1], 0.1) == math.inf
+
+
+def test_auroc_by_hand():
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of 4 pairs ordered right
+    assert predict.auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert predict.auroc([1.0, 1.0], [False, True]) == pytest.approx(0.5)  # a tie counts half
+    assert math.isnan(predict.auroc([1.0, 2.0], [True, True]))
+
+
+def test_fit_threshold_by_hand():
+    assert predict.fit_threshold([0, 1, 2, 3], [False, False, True, True]) == pytest.approx(1.5)
+    # two cuts reach 3/4: the lower one (0.5) is taken
+    assert predict.fit_threshold([0, 1, 2, 3], [False, True, False, True]) == pytest.approx(0.5)
+    assert predict.fit_threshold([1, 2], [True, True]) < 1
+
+
+def test_fit_logistic_one_class_and_separable():
+    a, b = predict.fit_logistic([1.0, 2.0], [True, True])
+    assert b == 0 and predict.sigmoid(a) == pytest.approx(0.999)
+    a, b = predict.fit_logistic([-2, -1, 1, 2], [False, False, True, True])
+    assert b > 0 and predict.sigmoid(a + b * 2) > 0.9 and predict.sigmoid(a - b * 2) < 0.1
+
+
+def _prompts(table: pd.DataFrame) -> pd.DataFrame:
+    """Four prompts per checkpoint, refused exactly when the score is positive; c1 refuses 3 of 4, c2 1 of 4."""
+    rows = []
+    for r in table.itertuples():
+        scores = (-2.0, 1.0, 2.0, 3.0) if r.checkpoint != "c2" else (-3.0, -2.0, -1.0, 2.0)
+        for i, s in enumerate(scores):
+            rows.append(
+                dict(
+                    run=r.run, checkpoint=r.checkpoint, prompt_id=i, refused=s > 0, label="", refusal_score=s
+                )
+            )
+            rows[-1]["projection"] = -s  # ranks the verdict backwards: AUROC 0
+    return pd.DataFrame(rows)
+
+
+def test_threshold_model_predicts_the_fraction_above_the_training_cut():
+    table = _table()
+    prompts = _prompts(table)
+    rows = predict.evaluation_rows(table, prompts)
+    pred = predict.held_out(rows, prompts, predict.threshold_model(), "run")
+    # the training cut is midway between -1 and 1 = 0; held-out c1 has 3 of 4 scores above it, c2 1 of 4
+    for r in pred.itertuples():
+        assert r.predicted == pytest.approx(0.75 if r.checkpoint == "c1" else 0.25)
+
+
+def test_prompt_auroc_pooled_and_per_checkpoint():
+    prompts = _prompts(_table())
+    aur = predict.prompt_auroc(prompts)
+    assert aur["refusal_score"]["pooled"] == pytest.approx(1.0)
+    assert aur["projection"]["pooled"] == pytest.approx(0.0)
+    per = aur["refusal_score"]["per_checkpoint"]
+    assert len(per) == 9 and all(p["auroc"] == pytest.approx(1.0) for p in per)
+
+
+def test_predict_all_report_and_columns(tmp_path):
+    table = _table().rename(columns={"x": "proj_gap_at_rl"})
+    table["cos_to_base_at_rl"] = 1 - table["proj_gap_at_rl"] / 10
+    table["delta_fro_total"] = table["step"].astype(float)
+    prompts = _prompts(table)
+    pred, report = predict.predict_all(table, prompts)
+    assert tuple(pred.columns) == predict.PREDICTION_COLUMNS
+    assert set(pred["scheme"]) == {"LORO", "LOMO"}
+    assert report["primary"] == "prompt_logistic" and report["baseline"] == "baseline"
+    assert set(report["models"]) == {
+        "baseline",
+        "proj_gap",
+        "internals",
+        "prompt_threshold",
+        "prompt_logistic",
+    }
+    assert report["n"] == {"checkpoints": 6, "runs": 3, "methods": 3, "prompts": 36}
+    assert report["met"]["auroc"] is True and isinstance(report["fails"], str)
+    written = predict.write_predictions(table, prompts, tmp_path)
+    assert {p.name for p in written} == {"predictions.csv", "predictions.parquet", "prediction.json"}
+
+
+def test_nothing_written_without_refusal_rates(tmp_path):
+    table = _table().drop(columns="refusal_rate")
+    assert predict.write_predictions(table, None, tmp_path) == []
