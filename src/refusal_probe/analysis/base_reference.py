@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refusal_probe.analysis import per_prompt
 from refusal_probe.analysis.cache import note_corrupt
 from refusal_probe.analysis.measure import capture_pair, internal_rows
 from refusal_probe.analysis.settings import CACHE_FORMAT, AnalyzeSettings
@@ -27,6 +28,7 @@ class BaseReference:
     result: Any  # DirectionResult
     rows: list[dict]  # drift + separability rows of the base against itself
     reused: str = ""  # where the candidate scores came from when they were not computed here
+    prompts: dict | None = None  # per-prompt block on the eval's AdvBench prompts (analysis/per_prompt.py)
 
     @property
     def unit(self):
@@ -43,10 +45,11 @@ def _load(spec: str, key: str, folder: Path) -> BaseReference | None:
     if not folder.exists():
         return None
     try:
-        rows = read_json(folder / ROWS_JSON)["rows"]
+        stored = read_json(folder / ROWS_JSON)
+        rows = stored["rows"]
         if not isinstance(rows, list):
             raise ValueError("rows is not a list")
-        return BaseReference(spec, key, folder, DirectionResult.load(folder), rows)
+        return BaseReference(spec, key, folder, DirectionResult.load(folder), rows, prompts=stored.get("prompts"))
     except Exception as exc:  # noqa: BLE001 - bad JSON, truncated safetensors, missing file: recompute
         note_corrupt(folder, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         shutil.rmtree(folder, ignore_errors=True)
@@ -60,6 +63,7 @@ def base_reference(
     sets: PromptSets,
     cache: Path,
     quant: QuantSpec | None = None,
+    prompts: Any = None,
 ) -> BaseReference:
     """Choose the base model's refusal direction (Arditi et al.) and measure the base, once per base and settings."""
     # Weight deltas are never taken of the base against itself: toggling --no-deltas keeps its cache.
@@ -69,6 +73,8 @@ def base_reference(
     folder = cache / "base" / f"{safe_filename(Path(spec).name)}{'-' + quant.tag if quant else ''}-{key}"
     ref = _load(spec, key, folder)
     if ref is not None:
+        if not per_prompt.current(ref.prompts, prompts):  # the eval changed since: measure its prompts alone
+            _add_prompts(ref, base_dir, settings, quant, prompts)
         return ref
 
     from refusal_probe.models.source import load_model
@@ -124,12 +130,24 @@ def base_reference(
     result.settings["model"] = spec
     result.settings["cache_key"] = dkey
     rows = internal_rows(result.directions, result, harmful, harmless, settings)
+    block = per_prompt.entry_block(model, tok, result, settings.batch_size, prompts)
     del model
-    _save(folder, result, {"format": CACHE_FORMAT, "spec": spec, "rows": rows})
-    return BaseReference(spec, key, folder, result, rows, reused)
+    _save(folder, result, {"format": CACHE_FORMAT, "spec": spec, "rows": rows, **block})
+    return BaseReference(spec, key, folder, result, rows, reused, prompts=block.get("prompts"))
 
 
-def _save(folder: Path, result, rows: dict) -> None:
+def _add_prompts(ref: BaseReference, base_dir: Path, settings: AnalyzeSettings, quant, prompts) -> None:
+    """Measure the eval's AdvBench prompts on a cached base and store them with its reference."""
+    from refusal_probe.models.source import load_model
+
+    model, tok = load_model(base_dir, device=settings.device, quant=quant)
+    ref.prompts = per_prompt.entry_block(model, tok, ref.result, settings.batch_size, prompts)["prompts"]
+    del model
+    stored = {"format": CACHE_FORMAT, "spec": ref.spec, "rows": ref.rows, "prompts": ref.prompts}
+    _save(ref.dir, ref.result, stored, replace=True)
+
+
+def _save(folder: Path, result, rows: dict, replace: bool = False) -> None:
     """Write the reference whole (a temporary folder renamed into place): shards of an array job that compute the
     same base side by side never read half of one."""
 
@@ -137,4 +155,4 @@ def _save(folder: Path, result, rows: dict) -> None:
         result.save(tmp)
         write_json(tmp / ROWS_JSON, rows)
 
-    atomic_dir(folder, write)  # another task that stored the same reference first stored the same numbers
+    atomic_dir(folder, write, replace=replace)  # else another task that stored it first stored the same numbers

@@ -41,8 +41,10 @@ def internal_rows(ckpt_dirs, ref_result, harmful, harmless, settings: AnalyzeSet
     return rows
 
 
-def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets) -> dict[str, list]:
-    """Drift/separability and weight-delta rows of one fine-tuned checkpoint."""
+def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets, prompts=None) -> dict[str, Any]:
+    """Drift/separability and weight-delta rows of one fine-tuned checkpoint (and its per-prompt rows on the eval's
+    AdvBench prompts, ``prompts``: ``per_prompt.EvalPrompts``)."""
+    from refusal_probe.analysis.per_prompt import entry_block
     from refusal_probe.models.source import load_model
     from refusal_probe.probe.drift import directions as diff_of_means
 
@@ -50,6 +52,7 @@ def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets) -> d
         check_same_shape(ckpt, ref)
     model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device, quant=ckpt.quant)
     harmful, harmless = capture_pair(model, tok, sets, settings, label=ckpt.key)
+    per_prompt = entry_block(model, tok, ref.result, settings.batch_size, prompts)
     del model
     dirs = diff_of_means(harmful, harmless)
     if dirs.shape != ref.directions.shape:
@@ -70,7 +73,7 @@ def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets) -> d
         # one refusal direction (the base's chosen one) for every layer: how much each update writes into it
         per_layer = {layer: ref.unit for layer in range(ref.directions.shape[0])}
         deltas = weight_deltas(ckpt.path, resolve_model_dir(ckpt.base), per_layer, progress=settings.progress)
-    return {"drift": drift, "deltas": deltas}
+    return {"drift": drift, "deltas": deltas, **per_prompt}
 
 
 def check_same_shape(ckpt, ref) -> None:

@@ -21,11 +21,15 @@ class AnalyzeSettings(PromptSettings):
 
     NOUN = "analyze setting"
     N_FLAG = "--n-prompts"
-    RUNTIME: ClassVar[tuple[str, ...]] = ("batch_size", "device", "progress")
+    # prompt_internals: its cached rows carry the eval prompts' hash instead, so toggling it keeps the drift cache
+    RUNTIME: ClassVar[tuple[str, ...]] = ("batch_size", "device", "progress", "prompt_internals")
 
     n_prompts: int = opt(128, "harmful and harmless prompts each for directions and drift")
     separability: bool = opt(True, "per-layer linear probes of harmful vs harmless activations")
     deltas: bool = opt(True, "weight deltas of every checkpoint against its base")
+    prompt_internals: bool = opt(
+        True, "per-prompt projection and refusal score on the AdvBench prompts eval judged (prompts.csv)"
+    )
     progress: bool = opt(True, "progress bars")
 
     def n_extract(self) -> int:
