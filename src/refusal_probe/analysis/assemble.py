@@ -19,9 +19,13 @@ TABLES = (
     "direction_candidates",
     "checkpoints",
     "correlations",
+    "method_contrast",
 )
 HOW = {
     "layer": "residual stream entering decoder block l (resid_pre)",
+    "method_contrast": "each LoRA/QLoRA/DPO checkpoint beside full fine-tuning at the same lr (final checkpoints) "
+    "and at the nearest chrF: drift depth, update size and concentration, along-refusal fraction vs chance "
+    "1/sqrt(d_model) (column meanings: analysis/contrast.py CONTRAST_DOCS)",
     "positions": "post-instruction tokens of the model's own chat template (negative offsets)",
     "direction": "difference of means, harmful - harmless, float64",
     "cos_to_base": "cosine of checkpoint's direction with the base's at the same layer and chosen position",
@@ -88,7 +92,7 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
     """Tables, correlations, plots, summary.json and the report from the base references and checkpoint entries."""
     import pandas as pd
 
-    from refusal_probe.analysis import correlate, plots, report, tables
+    from refusal_probe.analysis import contrast, contrast_plot, correlate, plots, report, tables
 
     previous = _previous_outputs(out)
     drift_rows: list[dict] = []
@@ -125,6 +129,10 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
     per_layer = correlate.per_layer_correlation(drift, beh) if "refusal_rate" in y_cols else None
     if len(corr):
         written += tables.write_table(corr, out, "correlations")
+    width = {c.run: int(refs[ref_key(c)].result.direction.numel()) for c in tree}
+    contrast_table = contrast.method_contrast(table, drift, deltas if len(deltas) else None, width)
+    if len(contrast_table):
+        written += tables.write_table(contrast_table, out, "method_contrast")
 
     summary: dict[str, Any] = {
         "format": "refusal-probe/analysis/1",
@@ -182,6 +190,7 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
     figures += plots.plot_method_comparison(drift, deltas, beh, out, **kw)
     if len(beh):
         figures += plots.plot_behaviour(beh, table, out, summary=summary)
+    figures += contrast_plot.plot_lora_vs_full(contrast_table, drift, deltas, out, summary=summary)
     summary["figures"] = [str(Path(f).name) for f in figures]
     remove_stale(out, {*summary["tables"], *summary["figures"]}, previous)
     from refusal_probe.core.io import write_json
