@@ -221,3 +221,26 @@ CASES += [
         ("--n-prompts 2", "--no-separability"),
     ),
 ]
+
+CASES += [  # noise floors (probe/noise.py): 0 turns one off, otherwise enough to mean something
+    Case(
+        "analyze-n-boot-prompts-too-few",
+        lambda ws: _analyze(ws, "--n-boot-prompts", "5"),
+        ("--n-boot-prompts 5", "at least 20"),
+    ),
+    Case(
+        "analyze-n-split-halves-negative",
+        lambda ws: _analyze(ws, "--n-split-halves", "-1"),
+        ("--n-split-halves -1", "pass 0 (off)"),
+    ),
+    Case(
+        "analyze-n-random-directions-one",
+        lambda ws: _analyze(ws, "--n-random-directions", "1"),
+        ("--n-random-directions 1", "at least 2"),
+    ),
+    Case(
+        "analyze-split-half-one-prompt",
+        lambda ws: _analyze(ws, "--n-prompts", "1", "--no-separability"),
+        ("--n-prompts 1", "--n-split-halves 0"),
+    ),
+]

@@ -328,3 +328,21 @@ def test_behaviour_joins_by_name_and_old_files_by_step(tmp_path):
     assert len(notes) == 1 and "other" in notes[0]  # rows of another tree are said, not dropped silently
     old, _ = align_behaviour(named.drop(columns="checkpoint").iloc[[0, 2]], tree)
     assert dict(zip(old["checkpoint"], old["value"], strict=True)) == {"base": 0.9, "checkpoint-4": 0.5}
+
+
+def test_noise_floors_in_drift_and_checkpoints(analysed):
+    """Split-half, bootstrap and random-direction rows per layer; their refusal-layer values in checkpoints.csv."""
+    from refusal_probe.probe.noise import NOISE_METRICS
+
+    out, _ = analysed
+    drift = pd.read_csv(out / "drift.csv")
+    noise = drift[drift["metric"].isin(NOISE_METRICS) & (drift["layer"] > 0)]
+    assert set(noise["metric"]) == set(NOISE_METRICS)
+    wide = noise.pivot_table(index=["run", "step", "layer"], columns="metric", values="value")
+    assert (wide["cos_to_base_ci_low"] <= wide["cos_to_base_ci_high"]).all()
+    assert (wide["cos_to_base_ci_high"] <= 1.0 + 1e-12).all() and (wide["proj_gap_random_sd"] > 0).all()
+    table = pd.read_csv(out / "checkpoints.csv")
+    for m in NOISE_METRICS:
+        assert table[f"{m}_at_rl"].notna().all(), m
+    base = table[table["step"] == 0]
+    assert (base["cos_to_base_ci_high_at_rl"] <= base["cos_to_base_at_rl"] + 1e-12).all()  # the base's floor

@@ -49,7 +49,8 @@ def _load(spec: str, key: str, folder: Path) -> BaseReference | None:
         rows = stored["rows"]
         if not isinstance(rows, list):
             raise ValueError("rows is not a list")
-        return BaseReference(spec, key, folder, DirectionResult.load(folder), rows, prompts=stored.get("prompts"))
+        result = DirectionResult.load(folder)
+        return BaseReference(spec, key, folder, result, rows, prompts=stored.get("prompts"))
     except Exception as exc:  # noqa: BLE001 - bad JSON, truncated safetensors, missing file: recompute
         note_corrupt(folder, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         shutil.rmtree(folder, ignore_errors=True)
@@ -155,4 +156,5 @@ def _save(folder: Path, result, rows: dict, replace: bool = False) -> None:
         result.save(tmp)
         write_json(tmp / ROWS_JSON, rows)
 
-    atomic_dir(folder, write, replace=replace)  # else another task that stored it first stored the same numbers
+    # without replace, a folder another task stored first is kept: it holds the same numbers
+    atomic_dir(folder, write, replace=replace)

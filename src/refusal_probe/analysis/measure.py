@@ -16,7 +16,7 @@ def capture_pair(model, tok, sets: PromptSets, settings: AnalyzeSettings, label:
 
     kw: dict[str, Any] = dict(
         batch_size=settings.batch_size,
-        keep=settings.separability,
+        keep=settings.keep_per_prompt(),
         backend=settings.backend,
         progress=settings.progress,
     )
@@ -26,16 +26,29 @@ def capture_pair(model, tok, sets: PromptSets, settings: AnalyzeSettings, label:
 
 
 def internal_rows(ckpt_dirs, ref_result, harmful, harmless, settings: AnalyzeSettings) -> list[dict]:
-    """Drift (vs the base's directions at the chosen position), direction norms and separability per layer."""
+    """Drift (vs the base's directions at the chosen position), direction norms, noise floors and separability per
+    layer."""
     import torch
 
     from refusal_probe.probe.drift import drift_rows, separability_rows
+    from refusal_probe.probe.noise import noise_rows
 
     pos = ref_result.position
     p = harmful.index(pos)
     rows = drift_rows(ref_result.directions, ckpt_dirs, ref_result.unit, harmful, harmless, pos)
     norms = torch.linalg.vector_norm(ckpt_dirs[:, p].to(torch.float64), dim=-1)
     rows += [{"layer": layer, "metric": "dir_norm", "value": float(v)} for layer, v in enumerate(norms)]
+    rows += noise_rows(
+        ref_result.directions,
+        ckpt_dirs,
+        harmful,
+        harmless,
+        pos,
+        n_boot=settings.n_boot_prompts,
+        n_splits=settings.n_split_halves,
+        n_random=settings.n_random_directions,
+        seed=settings.seed,
+    )
     if settings.separability:
         rows += separability_rows(harmful, harmless, pos, seed=settings.seed)
     return rows

@@ -13,6 +13,7 @@ from refusal_probe.core.settings import opt
 from refusal_probe.probe.settings import SEPARABILITY_MIN, PromptSettings
 
 CACHE_FORMAT = "refusal-probe/analysis-cache/4"  # bump whenever a cached number changes meaning
+MIN_BOOT_PROMPTS = 20  # fewer resamples do not give a 95% percentile interval worth printing
 
 
 @dataclass
@@ -31,18 +32,42 @@ class AnalyzeSettings(PromptSettings):
         True, "per-prompt projection and refusal score on the AdvBench prompts eval judged (prompts.csv)"
     )
     progress: bool = opt(True, "progress bars")
+    # noise floors (probe/noise.py); 0 turns one off
+    n_boot_prompts: int = opt(200, "prompt resamples for the bootstrap interval on cos_to_base (0 = off)")
+    n_split_halves: int = opt(20, "random half splits of the prompts for a split-half cosine floor (0 = off)")
+    n_random_directions: int = opt(100, "random unit directions for the proj_gap chance control (0 = off)")
 
     def n_extract(self) -> int:
         return self.n_prompts
 
     def check(self):
         super().check()
+        self.check_noise()
         if self.separability and self.n_prompts < SEPARABILITY_MIN:
             raise UserError(
                 f"--n-prompts {self.n_prompts}: the separability probes hold out a quarter of the prompts and need "
                 f"at least {SEPARABILITY_MIN} each; pass --n-prompts {SEPARABILITY_MIN} or more, or --no-separability"
             )
         return self
+
+    def check_noise(self) -> None:
+        """The noise-floor counts: 0 (off) or enough for the measure to mean something."""
+        for name, value, least in (
+            ("--n-boot-prompts", self.n_boot_prompts, MIN_BOOT_PROMPTS),
+            ("--n-split-halves", self.n_split_halves, 1),
+            ("--n-random-directions", self.n_random_directions, 2),
+        ):
+            if value != 0 and value < least:
+                raise UserError(f"{name} {value}: pass 0 (off) or at least {least}")
+        if self.n_split_halves and self.n_prompts < 2:
+            raise UserError(
+                f"--n-prompts {self.n_prompts}: the split-half floor needs 2 prompts per class; pass --n-prompts 2 "
+                "or more, or --n-split-halves 0"
+            )
+
+    def keep_per_prompt(self) -> bool:
+        """Whether per-prompt activations must be kept (separability probes, split-half, bootstrap)."""
+        return bool(self.separability or self.n_boot_prompts or self.n_split_halves)
 
     def key_fields(self, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in self.RUNTIME + ignore}

@@ -15,6 +15,7 @@ import pandas as pd
 
 from refusal_probe.core.errors import UserError, require
 from refusal_probe.core.io import atomic_write
+from refusal_probe.probe.noise import NOISE_DOCS, NOISE_METRICS
 
 TIDY_COLUMNS = ("run", "checkpoint", "method", "lr", "step", "fraction", "layer", "module", "metric", "value")
 CHECKPOINT_KEYS = ("run", "checkpoint", "method", "lr", "step", "fraction")
@@ -36,6 +37,7 @@ COLUMN_DOCS: dict[str, str] = {
     "at the refusal layer (1 = unchanged)",
     "proj_gap_at_rl": "mean projection of harmful minus harmless activations on the base model's unit refusal "
     "direction, at the refusal layer (the refusal signal)",
+    **{f"{m}_at_rl": f"noise floor at the refusal layer: {doc}" for m, doc in NOISE_DOCS.items()},
     "mean_cos_to_base": "cos_to_base averaged over all layers (unweighted mean)",
     "delta_fro_total": "||W_ckpt - W_base||_F over all transformer-block weight matrices: sqrt of the sum of "
     "squared per-module delta_fro (0 for the base by definition)",
@@ -209,6 +211,10 @@ def checkpoint_table(
                 )
         at_rl = d[d["layer"] == d["run"].map(layers)]
         for metric in ("cos_to_base", "proj_gap"):
+            rows = at_rl[at_rl["metric"] == metric].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
+            table = table.merge(_per_checkpoint(rows.reset_index(), f"{metric}_at_rl"), how="left")
+        noise = [m for m in NOISE_METRICS if m in set(at_rl["metric"])]  # probe/noise.py, when measured
+        for metric in noise:
             rows = at_rl[at_rl["metric"] == metric].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
             table = table.merge(_per_checkpoint(rows.reset_index(), f"{metric}_at_rl"), how="left")
         cos = d[d["metric"] == "cos_to_base"].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
