@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -150,3 +151,122 @@ def test_predict_all_report_and_columns(tmp_path):
 def test_nothing_written_without_refusal_rates(tmp_path):
     table = _table().drop(columns="refusal_rate")
     assert predict.write_predictions(table, None, tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------ per prompt
+
+
+def test_eval_folders_never_leave_the_behaviour_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from refusal_probe.analysis.per_prompt import eval_folder, find_eval_prompts, note
+
+    beh = tmp_path / "eval" / "behaviour.csv"
+    for run, name in (("../..", ".."), ("/etc", "passwd"), ("a/../../b", "c")):
+        folder = eval_folder(beh, SimpleNamespace(kind="full", run=run, name=name))
+        assert folder is not None and folder.resolve().is_relative_to((tmp_path / "eval").resolve())
+    ckpt = SimpleNamespace(kind="full", run="r", name="c", key="r/c")
+    assert find_eval_prompts([ckpt], beh) == {} and find_eval_prompts([ckpt], None) == {}
+    assert "prompts.csv is not written" in note({}, [ckpt], beh)
+
+
+def test_bad_eval_record_is_one_line_error(tmp_path):
+    from refusal_probe.analysis.per_prompt import read_eval_prompts
+    from refusal_probe.core.errors import UserError
+
+    path = tmp_path / "advbench.jsonl"
+    path.write_text('{"i": 0, "prompt": "x", "refusal": true, "label": "refusal"}\n{"i": 1, "prompt": "y"}\n')
+    with pytest.raises(UserError, match=r"advbench.jsonl: line 2 .*--no-prompt-internals"):
+        read_eval_prompts(path)
+
+
+@pytest.fixture(scope="module")
+def eval_tree(tiny_llama, tmp_path_factory):
+    """A base and one perturbed full checkpoint, evaluated by `eval` and then analysed."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from refusal_probe.cli import main
+    from refusal_probe.models.manifest import RunManifest
+
+    root = tmp_path_factory.mktemp("per-prompt")
+    base = root / "base-model"
+    shutil.copytree(tiny_llama, base)
+    run = root / "tree" / "full-lr1e-4"
+    shutil.copytree(tiny_llama, run / "checkpoint-2")
+    model = AutoModelForCausalLM.from_pretrained(run / "checkpoint-2", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(run / "checkpoint-2")
+    RunManifest(
+        run="full-lr1e-4",
+        method="full",
+        base_model=str(base),
+        learning_rate=1e-4,
+        total_steps=2,
+        checkpoints={2: 1.0},
+        complete=True,
+    ).save(run)
+    tree = root / "tree"
+    small = ["--batch-size", "3", "--no-progress"]
+    assert (
+        main(
+            ["eval", str(tree), "--n-advbench", "5", "--n-translation", "0", "--max-new-tokens", "4", *small]
+        )
+        == 0
+    )
+    args = ["--n-prompts", "8", "--n-val", "4", "--no-separability", "--no-deltas", *small]
+    assert main(["analyze", str(tree), *args]) == 0
+    return tree, base
+
+
+def test_prompt_rows_match_the_eval_and_a_single_prompt_forward(eval_tree):
+    import json
+
+    import torch
+
+    from refusal_probe.models.source import load_model
+    from refusal_probe.probe.activations import capture
+    from refusal_probe.probe.candidates import refusal_score
+    from refusal_probe.probe.direction_result import DirectionResult
+    from refusal_probe.probe.refusal_tokens import refusal_token_ids
+    from refusal_probe.probe.scoring import encode_batches, last_logits
+
+    tree, base = eval_tree
+    out = tree / "analysis"
+    prompts = pd.read_csv(out / "prompts.csv")
+    assert (out / "prompts.parquet").is_file()
+    assert {"run", "checkpoint", "prompt_id", "refused", "label", "projection", "refusal_score"} <= set(
+        prompts
+    )
+    assert np.isfinite(prompts[["projection", "refusal_score"]].to_numpy()).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "prompts.csv" in summary["tables"] and "prompts" in summary["how"]
+    folders = {
+        "base": tree / "eval" / "_base",
+        "checkpoint-2": tree / "eval" / "full-lr1e-4" / "checkpoint-2",
+    }
+    for name, folder in folders.items():
+        (jsonl,) = folder.rglob("advbench.jsonl")
+        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        rows = prompts[prompts["checkpoint"] == name].sort_values("prompt_id")
+        assert rows["prompt_id"].tolist() == [r["i"] for r in records]
+        assert rows["refused"].tolist() == [r["refusal"] for r in records]
+        assert rows["label"].tolist() == [r["label"] for r in records]
+    # the base's first prompt recomputed alone (no padding): the same projection and refusal score
+    ((_, info),) = summary["bases"].items()
+    ref = DirectionResult.load(Path(info["direction_files"]))
+    model, tok = load_model(base)
+    (jsonl,) = folders["base"].rglob("advbench.jsonl")
+    first = json.loads(jsonl.read_text().splitlines()[0])
+    acts = capture(model, tok, [first["prompt"]], keep=True, progress=False)
+    want_proj = float(acts.per_prompt[0, ref.layer, acts.index(ref.position)].double() @ ref.unit.double())
+    logits = last_logits(model, encode_batches(tok, [first["prompt"]], 1, torch.device("cpu")))
+    want_score = float(refusal_score(logits, refusal_token_ids(tok))[0])
+    got = prompts[(prompts["checkpoint"] == "base") & (prompts["prompt_id"] == first["i"])].iloc[0]
+    assert got["projection"] == pytest.approx(want_proj, rel=1e-4, abs=1e-5)
+    assert got["refusal_score"] == pytest.approx(want_score, rel=1e-4, abs=1e-4)

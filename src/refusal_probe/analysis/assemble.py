@@ -20,6 +20,8 @@ TABLES = (
     "checkpoints",
     "correlations",
     "method_contrast",
+    "prompts",
+    "predictions",
 )
 HOW = {
     "layer": "residual stream entering decoder block l (resid_pre)",
@@ -133,6 +135,13 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
     contrast_table = contrast.method_contrast(table, drift, deltas if len(deltas) else None, width)
     if len(contrast_table):
         written += tables.write_table(contrast_table, out, "method_contrast")
+    from refusal_probe.analysis import per_prompt, predict
+
+    prompts = per_prompt.prompt_table(tree, refs, entries, ref_key) if settings.prompt_internals else None
+    if prompts is not None and len(prompts):
+        written += tables.write_table(prompts, out, "prompts")
+    if "refusal_rate" in y_cols:  # held-out predictions of the refusal rate from internals
+        written += predict.write_predictions(table, prompts, out)
 
     summary: dict[str, Any] = {
         "format": "refusal-probe/analysis/1",
@@ -179,6 +188,7 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
         "elapsed_s": round(elapsed, 1),
         "tables": [p.name for p in written],
     }
+    summary["how"].update(prompts=per_prompt.HOW, prediction=predict.HOW)
     kw: dict[str, Any] = dict(summary=summary, refusal_layer=layers)
     figures = plots.plot_drift_by_layer(drift, out, "cos_to_base", **kw)
     figures += plots.plot_drift_by_layer(drift, out, "proj_gap", **kw)

@@ -18,6 +18,8 @@ from refusal_probe.analysis.base_reference import BaseReference, base_reference
 from refusal_probe.analysis.behaviour import align_behaviour, load_behaviour
 from refusal_probe.analysis.cache import entry_path, read_entry, write_entry
 from refusal_probe.analysis.measure import checkpoint_rows
+from refusal_probe.analysis.per_prompt import current, find_eval_prompts
+from refusal_probe.analysis.per_prompt import note as prompts_note
 from refusal_probe.analysis.settings import AnalyzeSettings
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.io import output_lock, prepare_output
@@ -52,6 +54,9 @@ def analyze(
     sets = analysis_prompts(settings)
     beh, beh_path = load_behaviour(spec, behaviour)
     beh, notes = align_behaviour(beh, tree)
+    found = find_eval_prompts(tree, beh_path) if settings.prompt_internals else {}
+    if settings.prompt_internals and (said := prompts_note(found, tree, beh_path)):
+        notes.append(said)
     for line in notes:
         print(f"note: {line}", file=sys.stderr)
     out = Path(out) if out else default_output(spec, "analysis")
@@ -60,12 +65,12 @@ def analyze(
     tree.check_output(out)
     prepare_output(out)
     if shard_ij:  # the tasks of an array job fill one cache side by side, each entry written whole
-        return _run(spec, out, tree, settings, sets, shard, shard_ij, beh, beh_path, notes)
+        return _run(spec, out, tree, settings, sets, shard, shard_ij, beh, beh_path, notes, found)
     with output_lock(out, "analyze"):
-        return _run(spec, out, tree, settings, sets, shard, shard_ij, beh, beh_path, notes)
+        return _run(spec, out, tree, settings, sets, shard, shard_ij, beh, beh_path, notes, found)
 
 
-def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, notes) -> Path:
+def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, notes, found) -> Path:
     from tqdm.auto import tqdm
 
     cache = out / "cache"
@@ -74,7 +79,7 @@ def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, 
     for c in tree:
         if c.kind == "base" and ref_key(c) not in refs:
             refs[ref_key(c)] = base_reference(
-                c.base or str(c.path), c.path, settings, sets, cache, quant=c.quant
+                c.base or str(c.path), c.path, settings, sets, cache, quant=c.quant, prompts=found.get(c.key)
             )
 
     todo = take_shard([c for c in tree if c.kind != "base"], shard_ij)
@@ -85,8 +90,9 @@ def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, 
         bar.set_postfix_str(c.key)
         path = entry_path(cache, c, refs[ref_key(c)].key, settings)
         entry = read_entry(path)
-        if entry is None:
-            entry = write_entry(path, c, checkpoint_rows(c, refs[ref_key(c)], settings, sets))
+        prompts = found.get(c.key)
+        if entry is None or not current(entry.get("prompts"), prompts):  # a re-run eval: its prompts changed
+            entry = write_entry(path, c, checkpoint_rows(c, refs[ref_key(c)], settings, sets, prompts))
             computed += 1
         entries[c.key] = entry
     if shard_ij:
