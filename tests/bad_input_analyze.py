@@ -117,6 +117,21 @@ CASES = [
     Case(
         "analyze-layer-out-of-range", lambda ws: _analyze(ws, "--layer", "99"), ("--layer 99", "out of range")
     ),
+    Case(
+        "analyze-causal-layers-word",
+        lambda ws: _analyze(ws, "--causal-layers", "some"),
+        ("--causal-layers 'some'", "refusal, all", "4,8,12"),
+    ),
+    Case(
+        "analyze-causal-layers-negative",
+        lambda ws: _analyze(ws, "--causal-layers", "-1"),
+        ("--causal-layers '-1'", "refusal, all"),
+    ),
+    Case(
+        "analyze-causal-layers-out-of-range",
+        lambda ws: _analyze(ws, "--causal-layers", "1,99"),
+        ("--causal-layers 1,99", "layer 99 is out of range", "0..3"),
+    ),
     # output folders
     Case(
         "analyze-out-under-a-file",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_probe.analysis.behaviour import signatures
+from refusal_probe.analysis.readings import HOW as READINGS_HOW
 
 # every table analyze may write; one not written by this run is stale
 TABLES = (
@@ -36,6 +37,13 @@ HOW = {
     "diffmean_acc": "held-out accuracy of the difference-of-means projection thresholded at the class midpoint",
     "delta_fro": "Frobenius norm of W_ckpt - W_base (LoRA: from factors, r x r Gram form), float64",
     "delta_along_refusal": "norm of r_hat^T dW for modules writing to the residual stream (o_proj, down_proj)",
+    "score_*": "refusal score: Arditi's refusal-token log-odds at the last position, mean over the held-out "
+    "harmful_val / harmless_val prompts, forward passes only (no generation)",
+    "necessity_*": "score_harmful minus score_harmful with a direction of layer l (chosen position) projected out "
+    "at every layer and position: base = the base model's direction, own = the checkpoint's difference of means",
+    "sufficiency_base": "score_harmless with the base direction vector (not normalised) added to the residual "
+    "stream entering block l, minus score_harmless (as in direction selection)",
+    "causal_reading": READINGS_HOW,
 }
 
 
@@ -195,6 +203,11 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
     if settings.separability:
         figures += plots.plot_drift_by_layer(drift, out, "probe_acc", **kw)
     figures += plots.plot_cos_heatmap(drift, out, **kw)
+    figures += plots.plot_causal_drift(drift, out, **kw)
+    # --causal-layers beyond the chosen one: necessity and sufficiency by layer too
+    if drift[drift["metric"] == "necessity_base"]["layer"].nunique() > 1:
+        figures += plots.plot_drift_by_layer(drift, out, "necessity_base", **kw)
+        figures += plots.plot_drift_by_layer(drift, out, "sufficiency_base", **kw)
     if len(deltas):
         figures += plots.plot_delta_by_layer(deltas, out, summary=summary)
     figures += plots.plot_method_comparison(drift, deltas, beh, out, **kw)

@@ -10,7 +10,7 @@ from typing import Any
 
 from refusal_probe.analysis import per_prompt
 from refusal_probe.analysis.cache import note_corrupt
-from refusal_probe.analysis.measure import capture_pair, internal_rows
+from refusal_probe.analysis.measure import capture_pair, causal_drift_rows, check_causal_layers, internal_rows
 from refusal_probe.analysis.settings import CACHE_FORMAT, AnalyzeSettings
 from refusal_probe.core.hashing import cache_key, model_fingerprint
 from refusal_probe.core.io import atomic_dir, read_json, safe_filename, write_json
@@ -86,6 +86,7 @@ def base_reference(
 
     model, tok = load_model(base_dir, device=settings.device, quant=quant)
     check_layer(model, settings.layer)
+    check_causal_layers(model, settings)
     harmful, harmless = capture_pair(model, tok, sets, settings, label="base")
     ids = refusal_token_ids(tok)
     search = settings.resolved_search()
@@ -131,6 +132,7 @@ def base_reference(
     result.settings["model"] = spec
     result.settings["cache_key"] = dkey
     rows = internal_rows(result.directions, result, harmful, harmless, settings)
+    rows += causal_drift_rows(model, tok, sets, settings, result, None)  # own direction = base direction
     block = per_prompt.entry_block(model, tok, result, settings.batch_size, prompts)
     del model
     _save(folder, result, {"format": CACHE_FORMAT, "spec": spec, "rows": rows, **block})

@@ -54,6 +54,40 @@ def internal_rows(ckpt_dirs, ref_result, harmful, harmless, settings: AnalyzeSet
     return rows
 
 
+def check_causal_layers(model, settings: AnalyzeSettings) -> None:
+    """Listed --causal-layers must exist in the model; checked before any activation is captured."""
+    if settings.causal:
+        from refusal_probe.models.handle import decoder_layers
+        from refusal_probe.probe.causal import resolve_layers
+
+        resolve_layers(settings.causal_layers, len(decoder_layers(model)), 0)
+
+
+def causal_drift_rows(model, tok, sets: PromptSets, settings: AnalyzeSettings, result, own) -> list[dict]:
+    """Causal drift rows (``probe.causal``) at the refusal layer, or at ``--causal-layers``; [] with --no-causal.
+
+    ``own``: the model's own difference-of-means directions [L, P, d], or None for the base against itself.
+    """
+    if not settings.causal:
+        return []
+    from refusal_probe.probe.causal import causal_scores, resolve_layers
+    from refusal_probe.probe.refusal_tokens import refusal_token_ids
+
+    p = result.positions.index(result.position)
+    layers = resolve_layers(settings.causal_layers, result.directions.shape[0], result.layer)
+    scores = causal_scores(
+        model,
+        tok,
+        sets["harmful_val"],
+        sets["harmless_val"],
+        {layer: result.directions[layer, p] for layer in layers},
+        None if own is None else {layer: own[layer, p] for layer in layers},
+        refusal_token_ids(tok),
+        settings.batch_size,
+    )
+    return scores.rows()
+
+
 def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets, prompts=None) -> dict[str, Any]:
     """Drift/separability and weight-delta rows of one fine-tuned checkpoint (and its per-prompt rows on the eval's
     AdvBench prompts, ``prompts``: ``per_prompt.EvalPrompts``)."""
@@ -66,14 +100,15 @@ def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets, prom
     model, tok = load_model(ckpt.path, base=ckpt.base, device=settings.device, quant=ckpt.quant)
     harmful, harmless = capture_pair(model, tok, sets, settings, label=ckpt.key)
     per_prompt = entry_block(model, tok, ref.result, settings.batch_size, prompts)
-    del model
     dirs = diff_of_means(harmful, harmless)
     if dirs.shape != ref.directions.shape:
         raise UserError(
             f"{ckpt.path}: activations have shape {tuple(dirs.shape)} but the base {ref.spec} has "
             f"{tuple(ref.directions.shape)}; pass the right --base"
         )
-    drift = internal_rows(dirs, ref.result, harmful, harmless, settings)
+    causal = causal_drift_rows(model, tok, sets, settings, ref.result, dirs)
+    del model
+    drift = internal_rows(dirs, ref.result, harmful, harmless, settings) + causal
     deltas: list[dict] = []
     if settings.deltas:
         from refusal_probe.models.source import resolve_model_dir

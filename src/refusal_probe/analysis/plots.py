@@ -53,6 +53,8 @@ METRIC_LABELS = {
     "probe_acc": "linear probe accuracy (held out)",
     "diffmean_acc": "difference-of-means accuracy (held out)",
     "dir_norm": "|difference-of-means direction|",
+    "necessity_base": "refusal log-odds lost ablating the base direction",
+    "sufficiency_base": "refusal log-odds gained adding the base direction",
     "delta_fro": "||W_ckpt - W_base||_F",
     "refusal_rate": "refusal rate (harmful prompts)",
     "chrf": "chrF",
@@ -617,3 +619,56 @@ def plot_behaviour(
         axes[0].legend(fontsize=7, loc="best")
         _finish(fig, "Behaviour over training", summary)
         return _save(fig, out_dir, "behaviour")
+
+
+CAUSAL_SERIES = (
+    ("necessity_base", "necessity, base direction (harmful: score - ablated)", "tab:red", "o", "-"),
+    ("necessity_own", "necessity, own direction (harmful: score - ablated)", "tab:orange", "s", "--"),
+    ("sufficiency_base", "sufficiency, base direction (harmless: added - score)", "tab:blue", "^", "-"),
+)
+
+
+def plot_causal_drift(
+    drift: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    summary: Mapping | None = None,
+    refusal_layer: int | Mapping[str, int] | None = None,
+) -> list[Path]:
+    """Necessity (base and own direction) and sufficiency (base direction) at the refusal layer against training
+    step, one panel per run; [] when the drift table has no causal rows (--no-causal)."""
+    names = [s[0] for s in CAUSAL_SERIES]
+    if drift is None or not len(drift) or not set(names) & set(drift["metric"]):
+        return []
+    d = drift[drift["metric"].isin(names)]
+    runs = _runs(d)
+    meta = _run_meta(d)
+    layers = _layers_for(d, summary, refusal_layer)
+    with matplotlib.rc_context(RC):
+        fig, panels, first = _run_panels(d, sharey=True)
+        axes = [panels[r] for r in runs]
+        for ax, run in zip(axes, runs, strict=True):
+            g = d[d["run"] == run]
+            layer = layers.get(run)
+            if layer is not None:
+                g = g[pd.to_numeric(g["layer"]) == layer]
+            for metric, label, color, marker, style in CAUSAL_SERIES:
+                s = g[g["metric"] == metric].sort_values("step")
+                ax.plot(
+                    s["step"],
+                    s["value"],
+                    color=color,
+                    marker=marker,
+                    linestyle=style,
+                    markersize=4,
+                    label=label,
+                )
+            ax.axhline(0.0, color="0.5", linewidth=0.8)
+            ax.set_title(_run_title(run, *meta[run]) + (f", layer {layer}" if layer is not None else ""))
+            ax.set_xlabel("training step (0 = base)")
+            ax.grid(alpha=0.3)
+            if run in first:
+                ax.set_ylabel("change in refusal log-odds")
+        axes[0].legend(loc="best", fontsize=7)
+        _finish(fig, "Causal drift at the refusal layer: does the model still use the direction?", summary)
+        return _save(fig, out_dir, "causal_drift")

@@ -31,6 +31,12 @@ class AnalyzeSettings(PromptSettings):
     prompt_internals: bool = opt(
         True, "per-prompt projection and refusal score on the AdvBench prompts eval judged (prompts.csv)"
     )
+    causal: bool = opt(
+        True, "causal drift: refusal score with the base/own direction ablated or added (forwards only)"
+    )
+    causal_layers: str = opt(
+        "refusal", "layers for causal drift: refusal (the chosen layer), all, or a list such as 4,8,12"
+    )
     progress: bool = opt(True, "progress bars")
     # noise floors (probe/noise.py); 0 turns one off
     n_boot_prompts: int = opt(200, "prompt resamples for the bootstrap interval on cos_to_base (0 = off)")
@@ -43,6 +49,10 @@ class AnalyzeSettings(PromptSettings):
     def check(self):
         super().check()
         self.check_noise()
+        if self.causal:
+            from refusal_probe.probe.causal import check_layers_spec
+
+            check_layers_spec(self.causal_layers)
         if self.separability and self.n_prompts < SEPARABILITY_MIN:
             raise UserError(
                 f"--n-prompts {self.n_prompts}: the separability probes hold out a quarter of the prompts and need "

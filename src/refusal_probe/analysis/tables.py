@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from refusal_probe.analysis.readings import COLUMN as READING_COLUMN
+from refusal_probe.analysis.readings import with_readings
 from refusal_probe.core.errors import UserError, require
 from refusal_probe.core.io import atomic_write
+from refusal_probe.probe.causal import CAUSAL_METRICS
 from refusal_probe.probe.noise import NOISE_DOCS, NOISE_METRICS
 
 TIDY_COLUMNS = ("run", "checkpoint", "method", "lr", "step", "fraction", "layer", "module", "metric", "value")
@@ -24,6 +27,16 @@ JOIN_KEYS = ("run", "checkpoint")
 # Row order of tidy tables: the checkpoint (run, step, name), then where in the model, then what.
 SORT_KEYS = ("run", "step", "checkpoint", "layer", "module", "metric")
 
+CAUSAL_DOCS = {
+    "score_harmful": "mean refusal-token log-odds at the last position on held-out harmful prompts",
+    "score_harmful_ablate_base": "score_harmful with the base model's direction of this layer ablated everywhere",
+    "score_harmful_ablate_own": "score_harmful with this checkpoint's own direction of this layer ablated",
+    "score_harmless": "mean refusal-token log-odds on held-out harmless prompts",
+    "score_harmless_add_base": "score_harmless with the base direction vector added entering this layer",
+    "necessity_base": "score_harmful - score_harmful_ablate_base (refusal the base direction carries)",
+    "necessity_own": "score_harmful - score_harmful_ablate_own (refusal the checkpoint's own direction carries)",
+    "sufficiency_base": "score_harmless_add_base - score_harmless (refusal the base direction induces)",
+}
 # Columns of ``checkpoint_table`` and how each number is computed (the report prints these verbatim).
 COLUMN_DOCS: dict[str, str] = {
     "run": "run name (run folder or run.json)",
@@ -37,6 +50,8 @@ COLUMN_DOCS: dict[str, str] = {
     "at the refusal layer (1 = unchanged)",
     "proj_gap_at_rl": "mean projection of harmful minus harmless activations on the base model's unit refusal "
     "direction, at the refusal layer (the refusal signal)",
+    **{f"{m}_at_rl": f"causal drift at the refusal layer: {doc}" for m, doc in CAUSAL_DOCS.items()},
+    READING_COLUMN: "plain-words reading of the causal drift against the run's base (see summary how)",
     **{f"{m}_at_rl": f"noise floor at the refusal layer: {doc}" for m, doc in NOISE_DOCS.items()},
     "mean_cos_to_base": "cos_to_base averaged over all layers (unweighted mean)",
     "delta_fro_total": "||W_ckpt - W_base||_F over all transformer-block weight matrices: sqrt of the sum of "
@@ -210,7 +225,8 @@ def checkpoint_table(
                     f"{int(np.nanmin(have))}..{int(np.nanmax(have))}; pass a layer that was probed"
                 )
         at_rl = d[d["layer"] == d["run"].map(layers)]
-        for metric in ("cos_to_base", "proj_gap"):
+        causal = [m for m in CAUSAL_METRICS if m in set(at_rl["metric"])]  # with analyze's causal drift
+        for metric in ("cos_to_base", "proj_gap", *causal):
             rows = at_rl[at_rl["metric"] == metric].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
             table = table.merge(_per_checkpoint(rows.reset_index(), f"{metric}_at_rl"), how="left")
         noise = [m for m in NOISE_METRICS if m in set(at_rl["metric"])]  # probe/noise.py, when measured
@@ -253,4 +269,5 @@ def checkpoint_table(
         order += sorted(c for c in wide.columns if c not in (*JOIN_KEYS, *order))
         table = table.merge(wide.loc[:, [*JOIN_KEYS, *order]], how="left", on=list(JOIN_KEYS))
 
+    table = with_readings(table)
     return table.sort_values(["run", "step"], kind="mergesort", na_position="last").reset_index(drop=True)
