@@ -135,6 +135,10 @@ def tiny_tables(**extra):
     ck["delta_fro_total"] = np.where(ck["step"] == 0, 0.0, np.nan)
     ck.loc[(ck["run"] == "full-a") & (ck["step"] == 2), "delta_fro_total"] = math.sqrt(12)
     ck.loc[(ck["run"] == "lora-a") & (ck["step"] == 2), "delta_fro_total"] = math.sqrt(8)
+    # sizes only (no per-module rows) for the matched-update pairing
+    ck.loc[(ck["run"] == "full-b") & (ck["step"] == 2), "delta_fro_total"] = 1.0
+    ck.loc[(ck["run"] == "lora-a") & (ck["step"] == 1), "delta_fro_total"] = 0.5
+    ck.loc[(ck["run"] == "qlora-c") & (ck["step"] == 2), "delta_fro_total"] = 1.9
     return ck, drift, deltas
 
 
@@ -164,6 +168,21 @@ def test_pairings_choose_same_lr_finals_and_nearest_chrf():
         "qlora-c@2 vs full-b@2": pytest.approx(-0.5),
     }
     assert set(chrf["pair"]) == set(pairs)
+
+
+def test_matched_update_pairs_nearest_size_by_ratio():
+    t = C.method_contrast(*tiny_tables(), d_model=4)
+    upd = t[(t["pairing"] == "matched_update") & (t["role"] == "method")]
+    got = dict(zip(upd["pair"], upd["update_ratio"], strict=True))
+    # full sizes: full-a@2 sqrt(12) = 3.46, full-b@2 1.0 (full-a@1 has none). qlora-c@2 (1.9) is nearer 3.46 by
+    # ratio (1.82x) than 1.0 (1.9x) though nearer 1.0 in difference
+    assert got == {
+        "lora-a@1 vs full-b@2": pytest.approx(2.0),
+        "lora-a@2 vs full-a@2": pytest.approx(math.sqrt(12 / 8)),
+        "qlora-c@2 vs full-a@2": pytest.approx(math.sqrt(12) / 1.9),
+    }
+    lr = t[(t["pairing"] == "matched_lr")]
+    assert lr["update_ratio"].tolist() == pytest.approx([math.sqrt(12 / 8)] * 2)
 
 
 def test_profile_numbers_by_hand():
@@ -196,6 +215,21 @@ def test_profile_numbers_by_hand():
     assert full["along_vs_chance"] == pytest.approx(math.sqrt(0.2) / 0.5)
     assert lora["along_o"] == pytest.approx(0.5) and math.isnan(lora["along_down"])
     assert lora["along_vs_chance"] == pytest.approx(1.0)
+
+
+def test_pair_summary_puts_the_full_partner_beside_and_headline_reads_it():
+    t = C.method_contrast(*tiny_tables(), d_model=4, k=1)
+    s = C.pair_summary(t)
+    assert len(s) == t["pair"].groupby(t["pairing"]).nunique().sum() == 7
+    r = s[(s["pairing"] == "matched_lr")].iloc[0]
+    assert (r["run"], r["full_run"], r["full_step"]) == ("lora-a", "full-a", 2)
+    assert (r["cos_to_base_at_rl"], r["cos_to_base_at_rl_full"]) == (1.0, 0.5)
+    assert (r["share_mlp"], r["share_mlp_full"]) == pytest.approx((0.0, 5 / 12))
+    assert "necessity_base_at_rl" not in s.columns
+    (line,) = C.headline(t)
+    assert "lr 0.0001, lora vs full" in line and "refusal 80% vs 0%" in line
+    assert "||dW||_F 2.83 vs 3.46 (full 1.2x larger)" in line and "MLP share of the update 0% vs 42%" in line
+    assert "along-refusal fraction 1.00x vs 0.89x chance" in line
 
 
 def test_causal_columns_carried_when_present_and_absent_otherwise():
@@ -244,3 +278,10 @@ def test_committed_cpu_small_lora_vs_full_at_lr_1e_4():
     assert full["share_gate"] + full["share_up"] + full["share_down"] > 0.8
     assert 0.9 < full["along_vs_chance"] < 1.3 and 0.9 < lora["along_vs_chance"] < 1.3
     assert lora["chrf_gap"] == pytest.approx(28.908367 - 31.640790, abs=1e-5)
+    assert lora["update_ratio"] == pytest.approx(3.5931633671981587 / 0.32733604940598177)
+    lines = C.headline(t)
+    assert len(lines) == 6  # lora, qlora, dpo at each of the two learning rates
+    assert any(
+        "lr 0.0001, lora vs full" in x and "refusal 78% vs 0%" in x and "(full 11.0x larger)" in x
+        for x in lines
+    )

@@ -8,7 +8,9 @@ with full fine-tuning two ways:
 
 - ``matched_lr``: each run's final checkpoint against the final checkpoint of the full run at the same lr;
 - ``matched_chrf``: every trained checkpoint against the full checkpoint whose chrF is nearest (``chrf_gap`` says
-  how near: a pair with a large gap is not matched on the task).
+  how near: a pair with a large gap is not matched on the task);
+- ``matched_update``: the same with the nearest total update size ``delta_fro_total`` (``update_ratio``): does
+  an update of the same size move the direction as much?
 
 Concentration is measured on update energy, per-layer ``e_l = sum over modules of ||dW||_F^2``: squared norms
 add across layers and modules (``delta_fro_total^2 = sum_l e_l``), so shares of energy sum to 1.
@@ -28,16 +30,19 @@ FULL = "full"
 TOP_K = 3
 # Module kinds of Llama-style blocks, in block order; other module names keep their last path component.
 MODULE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+MLP_KINDS = ("gate", "up", "down")
 WRITERS = {"o": "o_proj", "down": "down_proj"}
 # Columns of checkpoints.csv carried into the contrast as they are.
 _CARRIED = ("refusal_rate", "chrf", "delta_fro_total")
 
 CONTRAST_DOCS: dict[str, str] = {
-    "pairing": "matched_lr (final checkpoints, same lr) or matched_chrf (the full checkpoint with nearest chrF)",
+    "pairing": "matched_lr (final checkpoints, same lr), matched_chrf (the full checkpoint with nearest chrF) or "
+    "matched_update (the full checkpoint with nearest delta_fro_total, by ratio)",
     "pair": "id of the pair: '<run>@<step> vs <full run>@<step>'",
     "role": "method (the LoRA/QLoRA/DPO side) or full (its full fine-tuning partner)",
     "run, checkpoint, method, lr, step, fraction": "the checkpoint this row describes",
     "chrf_gap": "chrF of the method side minus chrF of the full side (same on both rows of a pair)",
+    "update_ratio": "delta_fro_total of the full side / that of the method side (same on both rows of a pair)",
     "refusal_rate, chrf": "behaviour of this checkpoint (from checkpoints.csv)",
     "refusal_drop": "refusal rate of the run's base (step 0) minus this checkpoint's (positive = refusal lost)",
     "cos_to_base_at_rl": "cosine to the base direction at the chosen refusal layer",
@@ -53,6 +58,7 @@ CONTRAST_DOCS: dict[str, str] = {
     "layer_pr_frac": "layer_pr / number of layers (1 = spread evenly, 1/n = one layer)",
     "module_gini, module_pr": "the same over module kinds q/k/v/o/gate/up/down (energy summed over layers)",
     "share_<kind>": "share of update energy in module kind <kind> (q, k, v, o, gate, up, down)",
+    "share_mlp": "share_gate + share_up + share_down: the MLP's part of the update energy",
     "along_<o|down>": "||r_hat^T dW|| / ||dW||_F pooled over layers (root-sum-square of each) for o_proj / "
     "down_proj: the fraction of the residual-writing update along the base refusal direction (r_hat = the base's "
     "chosen unit direction, for every block's writes)",
@@ -227,6 +233,9 @@ def _update_profile(
     row["layer_pr_frac"] = row["layer_pr"] / len(layers) if layers else math.nan
     for kind in kinds:
         row[f"share_{kind}"] = float(per_kind[kind]) / total if total > 0 else math.nan
+    mlp = [k for k in MLP_KINDS if k in kinds]
+    if mlp:
+        row["share_mlp"] = sum(row[f"share_{k}"] for k in mlp)
     writers = fro[fro["module"].astype(str).str.rsplit(".", n=1).str[-1].isin(WRITERS.values())]
     a = along if along is not None else fro.iloc[:0]
     merged = writers.merge(
@@ -268,25 +277,42 @@ def matched_lr_pairs(p: pd.DataFrame) -> list[tuple[int, int]]:
     return pairs
 
 
-def matched_chrf_pairs(p: pd.DataFrame) -> list[tuple[int, int]]:
-    """(method row, full row) pairs: every trained non-full checkpoint vs the trained full checkpoint of nearest chrF.
-
-    Ties go to the full run at the same lr, then to the smaller step, then the run name.
-    """
-    if "chrf" not in p:
+def nearest_full_pairs(p: pd.DataFrame, column: str, log: bool = False) -> list[tuple[int, int]]:
+    """(method row, full row) pairs: every trained non-full checkpoint vs the trained full checkpoint nearest in
+    ``column`` (on a log scale with ``log``). Ties go to the full run at the same lr, then the smaller step, then
+    the run name."""
+    if column not in p:
         return []
-    trained = p[(p["step"] != 0) & p["chrf"].notna()]
+    value = pd.to_numeric(p[column], errors="coerce").astype(float)
+    if log:
+        value = np.log(value.where(value > 0))
+    trained = p[(p["step"] != 0) & value.notna()]
     full = trained[trained["method"] == FULL]
     if not len(full):
         return []
     pairs = []
     others = trained[trained["method"].notna() & (trained["method"] != FULL)]
     for i, row in others.sort_values(["run", "step"]).iterrows():
-        gap = (full["chrf"].astype(float) - float(row["chrf"])).abs()
+        gap = (value[full.index] - value[i]).abs()
         other_lr = ~np.isclose(full["lr"].astype(float), float(row["lr"]), rtol=1e-9, atol=0.0)
         order = pd.DataFrame({"gap": gap, "other_lr": other_lr, "step": full["step"], "run": full["run"]})
         pairs.append((i, order.sort_values(["gap", "other_lr", "step", "run"], kind="mergesort").index[0]))
     return pairs
+
+
+def matched_chrf_pairs(p: pd.DataFrame) -> list[tuple[int, int]]:
+    """Every trained non-full checkpoint vs the trained full checkpoint of nearest chrF (same task skill)."""
+    return nearest_full_pairs(p, "chrf")
+
+
+def matched_update_pairs(p: pd.DataFrame) -> list[tuple[int, int]]:
+    """Every trained non-full checkpoint vs the trained full checkpoint whose ||dW||_F is nearest (by ratio)."""
+    return nearest_full_pairs(p, "delta_fro_total", log=True)
+
+
+def _ratio(a, b) -> float:
+    a, b = float(a) if pd.notna(a) else math.nan, float(b) if pd.notna(b) else math.nan
+    return a / b if b > 0 else math.nan
 
 
 def _pair_id(row: pd.Series) -> str:
@@ -306,17 +332,27 @@ def method_contrast(
     """
     p = profiles(checkpoints, drift, deltas, d_model, k)
     rows = []
-    for pairing, pairs in (("matched_lr", matched_lr_pairs(p)), ("matched_chrf", matched_chrf_pairs(p))):
+    pairings = (
+        ("matched_lr", matched_lr_pairs(p)),
+        ("matched_chrf", matched_chrf_pairs(p)),
+        ("matched_update", matched_update_pairs(p)),
+    )
+    for pairing, pairs in pairings:
         for i, j in pairs:
             m, f = p.loc[i], p.loc[j]
             gap = float(m["chrf"]) - float(f["chrf"]) if "chrf" in p else math.nan
+            ratio = _ratio(f.get("delta_fro_total"), m.get("delta_fro_total"))
             pid = f"{_pair_id(m)} vs {_pair_id(f)}"
             for role, r in (("method", m), ("full", f)):
-                rows.append({"pairing": pairing, "pair": pid, "role": role, "chrf_gap": gap, **r.to_dict()})
+                rows.append(
+                    {"pairing": pairing, "pair": pid, "role": role, "chrf_gap": gap, "update_ratio": ratio}
+                    | r.to_dict()
+                )
     if not rows:
         return pd.DataFrame(columns=["pairing", "pair", "role"])
     out = pd.DataFrame(rows)
     first = ["pairing", "pair", "role", "run", "checkpoint", "method", "lr", "step", "fraction", "chrf_gap"]
+    first.append("update_ratio")
     first = [c for c in first if c in out.columns]
     order = [c for c in _column_order(out.columns) if c not in first]
     return out.loc[:, first + order].reset_index(drop=True)
@@ -368,3 +404,73 @@ def contrast_layers(
     if not parts:
         return pd.DataFrame(columns=["run", "method", "lr", "step", "layer", "metric", "value"])
     return pd.concat(parts, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------------- summaries
+
+# the numbers a reader compares across a pair, method side then full side
+SUMMARY_COLUMNS = (
+    "refusal_rate",
+    "chrf",
+    "cos_to_base_at_rl",
+    "drift_min_layer",
+    "drift_centre",
+    "delta_fro_total",
+    "layer_pr",
+    "share_mlp",
+    "along_writers",
+    "along_vs_chance",
+    "drift_per_update",
+    "necessity_base_at_rl",
+    "sufficiency_base_at_rl",
+)
+
+
+def pair_summary(contrast: pd.DataFrame, columns: Sequence[str] = SUMMARY_COLUMNS) -> pd.DataFrame:
+    """One row per pair: the method side's numbers as ``<col>`` and its full partner's as ``<col>_full``."""
+    if contrast is None or not len(contrast):
+        return pd.DataFrame(columns=["pairing", "pair"])
+    cols = [c for c in columns if c in contrast.columns]
+    ident = ["pairing", "pair", "run", "method", "lr", "step", "chrf_gap", "update_ratio"]
+    m = contrast[contrast["role"] == "method"].loc[:, [*ident, *cols]]
+    f = contrast[contrast["role"] == "full"].loc[:, ["pairing", "pair", "run", "step", *cols]]
+    f = f.rename(columns={"run": "full_run", "step": "full_step", **{c: f"{c}_full" for c in cols}})
+    out = m.merge(f, on=["pairing", "pair"], how="left")
+    order = [*ident, "full_run", "full_step"] + [x for c in cols for x in (c, f"{c}_full")]
+    return out.loc[:, order].reset_index(drop=True)
+
+
+def _pct(v) -> str:
+    return f"{100 * float(v):.0f}%" if pd.notna(v) else "?"
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return format(float(v), fmt) if pd.notna(v) else "?"
+
+
+def headline(contrast: pd.DataFrame) -> list[str]:
+    """Plain sentences from the matched-lr pairs: refusal, drift, update size and place, aim at the direction."""
+    s = pair_summary(contrast)
+    lines = []
+    for r in s[s["pairing"] == "matched_lr"].sort_values(["lr", "method"]).to_dict("records"):
+        size = (
+            f"{float(r['delta_fro_total_full']) / float(r['delta_fro_total']):.1f}x"
+            if pd.notna(r.get("delta_fro_total")) and float(r["delta_fro_total"]) > 0
+            else "?"
+        )
+        text = (
+            f"lr {float(r['lr']):g}, {r['method']} vs full (final checkpoints): refusal "
+            f"{_pct(r.get('refusal_rate'))} vs {_pct(r.get('refusal_rate_full'))}, cos to the base direction at the "
+            f"refusal layer {_num(r.get('cos_to_base_at_rl'))} vs {_num(r.get('cos_to_base_at_rl_full'))}, "
+            f"||dW||_F {_num(r.get('delta_fro_total'), '.2f')} vs {_num(r.get('delta_fro_total_full'), '.2f')} "
+            f"(full {size} larger)"
+        )
+        if "share_mlp" in r:
+            text += f", MLP share of the update {_pct(r['share_mlp'])} vs {_pct(r['share_mlp_full'])}"
+        if "along_vs_chance" in r:
+            text += (
+                f", along-refusal fraction {_num(r['along_vs_chance'], '.2f')}x vs "
+                f"{_num(r['along_vs_chance_full'], '.2f')}x chance"
+            )
+        lines.append(text)
+    return lines

@@ -2,8 +2,8 @@
 
 Panels: cos_to_base by layer and update size by layer for the matched-lr final checkpoints, the fraction of each
 layer's residual-writing update along the refusal direction against chance, where the update energy sits by
-module kind, refusal against chrF with each matched-chrF pair joined by a line, and the causal measures at the
-refusal layer when the table has them.
+module kind, refusal against chrF with each matched-chrF pair joined by a line, drift at the refusal layer against
+update size with matched-update pairs (within 2x) joined, and the causal measures at the refusal layer when present.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from refusal_probe.analysis.contrast import MODULE_KINDS, contrast_layers
 
 # causal columns (helper CAUSAL's drift metrics at the refusal layer) drawn when present
 CAUSAL_COLUMNS = ("necessity_base_at_rl", "necessity_own_at_rl", "sufficiency_base_at_rl")
+# 1 - cos below this is drawn at it (log axis; LoRA at a low lr stays within 1e-5 of the base)
+DRIFT_FLOOR = 1e-6
 
 
 def plot_lora_vs_full(
@@ -42,6 +44,8 @@ def plot_lora_vs_full(
         panels.append("modules")
     if {"refusal_rate", "chrf"} <= set(contrast.columns):
         panels.append("behaviour")
+    if {"cos_to_base_at_rl", "delta_fro_total"} <= set(contrast.columns):
+        panels.append("size")
     causal = [c for c in CAUSAL_COLUMNS if c in lr_pairs.columns and lr_pairs[c].notna().any()]
     if causal:
         panels.append("causal")
@@ -81,6 +85,8 @@ def plot_lora_vs_full(
                 _module_bars(ax, lr_pairs, shares, styles)
             elif panel == "behaviour":
                 _behaviour_pairs(ax, contrast)
+            elif panel == "size":
+                _size_pairs(ax, contrast)
             elif panel == "causal":
                 _causal_bars(ax, lr_pairs, causal)
             ax.grid(alpha=0.3, which="both")
@@ -117,6 +123,41 @@ def _causal_bars(ax, lr_pairs: pd.DataFrame, cols: list[str]) -> None:
     ax.set_xticklabels([f"{m}\n{lr:g}" for m, lr in zip(rows["method"], rows["lr"], strict=True)], fontsize=7)
     ax.set(ylabel="refusal log-odds change", title="Causal role of the base direction (refusal layer)")
     ax.legend(fontsize=6.5, loc="best")
+
+
+def _size_pairs(ax, contrast: pd.DataFrame) -> None:
+    """Drift at the refusal layer against total update size; matched-update pairs within 2x joined by a grey line."""
+
+    def drift(g: pd.DataFrame) -> pd.Series:
+        return (1.0 - g["cos_to_base_at_rl"].astype(float)).clip(lower=DRIFT_FLOOR)
+
+    pts = contrast.drop_duplicates(["run", "step"])
+    pts = pts[pd.to_numeric(pts["delta_fro_total"], errors="coerce") > 0]
+    for method, g in pts.groupby(pts["method"].fillna("unknown"), sort=True):
+        ax.scatter(
+            g["delta_fro_total"],
+            drift(g),
+            s=22,
+            color=plots.METHOD_COLORS.get(method, plots.UNKNOWN_COLOR),
+            label=method,
+            edgecolor="white",
+            linewidth=0.5,
+            zorder=3,
+        )
+    pairs = contrast[contrast["pairing"] == "matched_update"]
+    if "update_ratio" in pairs:
+        ratio = pairs["update_ratio"].astype(float)
+        pairs = pairs[(ratio <= 2.0) & (ratio >= 0.5)]
+    for _, g in pairs.groupby("pair", sort=True):
+        ax.plot(g["delta_fro_total"], drift(g), color="0.6", linewidth=0.7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="||W_ckpt - W_base||_F (log)",
+        ylabel=f"1 - cos to base direction at refusal layer (log, floor {DRIFT_FLOOR:g})",
+        title="Drift for the same update size (lines: pairs within 2x)",
+    )
+    ax.legend(fontsize=7, title="method", title_fontsize=7)
 
 
 def _behaviour_pairs(ax, contrast: pd.DataFrame) -> None:
