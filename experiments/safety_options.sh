@@ -12,7 +12,7 @@ DIR=results/directions/qwen2.5-coder-0.5b-instruct   # the base refusal directio
 EVAL=(--n-advbench 128 --n-translation 20 --max-new-tokens 48 --batch-size 16 --out "$OUT/eval")
 
 declare -A OPTION=(
-  [plain]=""
+  [plain]="--checkpoint-fractions 0.5,1.0"
   [project-off-refusal]="--project-off-refusal"
   [gradient-surgery]="--gradient-surgery --surgery-every 1"
   [ewc]="--ewc 1e7"
