@@ -9,14 +9,18 @@ import pytest
 
 from refusal_probe.analysis.correlate import (
     CORRELATIONS_HOW,
+    SCOPES,
     best_layer,
     correlate,
     exact_spearman_p,
+    final_checkpoints,
     pair_stats,
     per_layer_correlation,
+    per_layer_correlations,
+    pooled_layers,
     strongest,
 )
-from refusal_probe.analysis.uncertainty import partial_corr, run_bootstrap, weighted_ranks
+from refusal_probe.analysis.uncertainty import partial_corr, run_bootstrap, weighted_ranks, within_run
 from refusal_probe.core.errors import UserError
 
 
@@ -103,7 +107,7 @@ def test_correlate_groups_and_base_counted_once():
     assert full["pearson_r"] == pytest.approx((dx @ dy) / math.sqrt((dx @ dx) * (dy @ dy)))
     chrf = res[(res["group"] == "lora") & (res["y"] == "chrf")].iloc[0]
     assert chrf["spearman_rho"] == pytest.approx(-1.0)
-    assert sorted(set(res["group"])) == ["all", "full", "lora"]
+    assert sorted(set(res.loc[res["scope"] == "pooled", "group"])) == ["all", "full", "lora"]
 
 
 def test_correlate_small_method_group_skipped_and_defaults():
@@ -260,7 +264,7 @@ def test_correlate_adds_run_intervals_and_partial_rows():
     assert allr["n_runs"] == 2 and allr["pearson_ci_low"] <= allr["pearson_ci_high"]
     assert plain.loc[plain["group"] == "full", "n_runs"].eq(1).all()  # one run: no interval
     assert plain.loc[plain["group"] == "full", "pearson_ci_low"].isna().all()
-    part = res[res["control"] == "delta_fro_total"]
+    part = res[(res["control"] == "delta_fro_total") & (res["scope"] == "pooled")]
     assert set(part["x"]) == {"cos_to_base_at_rl"} and set(part["y"]) == {"refusal_rate"}
     assert set(part["group"]) == {"all", "full", "lora"}
     p_all = part[part["group"] == "all"].iloc[0]
@@ -270,3 +274,155 @@ def test_correlate_adds_run_intervals_and_partial_rows():
     assert "2000 bootstrap resamples" in CORRELATIONS_HOW
     # partial rows never displace the plain ones in the report's strongest list
     assert (strongest(res, k=20)["control"] == "").all()
+
+
+# ------------------------------------------------------------------ scopes: within-run, across runs, every layer
+
+
+def _two_runs_within():
+    """Run a: x 1,2,3 vs y 1,3,2 (r = rho = 0.5 by hand); run b: x 1..4 vs y 4..1 (r = rho = -1); run c has a
+    constant y, so no correlation is defined for it and it does not count."""
+    rows = []
+    for run, xs, ys in (
+        ("a", (1.0, 2.0, 3.0), (1.0, 3.0, 2.0)),
+        ("b", (1.0, 2.0, 3.0, 4.0), (4.0, 3.0, 2.0, 1.0)),
+        ("c", (1.0, 2.0, 3.0), (5.0, 5.0, 5.0)),
+    ):
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            rows.append(
+                {"run": run, "method": "full" if run != "b" else "lora", "step": 10 * i, "x": x, "y": y}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_within_run_mean_of_per_run_correlations_and_its_run_bootstrap():
+    t = _two_runs_within()
+    every = np.array(
+        list(itertools.product(range(2), repeat=2))
+    )  # all 4 resamples of the 2 contributing runs
+    w = within_run(t["x"], t["y"], t["run"], resamples=every)
+    assert w["n_runs"] == 2 and w["n"] == 7  # run c (constant y) is left out
+    assert w["pearson_r"] == pytest.approx(-0.25) and w["spearman_rho"] == pytest.approx(-0.25)
+    # resample means: (a, a) 0.5, (a, b) and (b, a) -0.25, (b, b) -1; numpy's linear-interpolated percentiles
+    lo, hi = np.percentile([0.5, -0.25, -0.25, -1.0], [2.5, 97.5])
+    assert lo == pytest.approx(-1 + 0.075 * 0.75) and hi == pytest.approx(-0.25 + 0.925 * 0.75)
+    assert w["spearman_ci_low"] == pytest.approx(lo) and w["spearman_ci_high"] == pytest.approx(hi)
+    assert w["pearson_ci_low"] == pytest.approx(lo)
+    one = within_run(t["x"][:3], t["y"][:3], t["run"][:3])
+    assert (
+        one["n_runs"] == 1 and one["spearman_rho"] == pytest.approx(0.5) and np.isnan(one["spearman_ci_low"])
+    )
+    # through correlate: the within_run rows per group; a method group with one defined run has no interval
+    res = correlate(t, ["x"], ["y"])
+    wr = res[res["scope"] == "within_run"].set_index("group")
+    assert wr.loc["within_run:all", "spearman_rho"] == pytest.approx(-0.25)
+    assert wr.loc["within_run:full", "n_runs"] == 1 and wr.loc["within_run:full", "spearman_rho"] == 0.5
+    assert wr.loc["within_run:lora", "spearman_rho"] == pytest.approx(-1.0)
+    assert np.isnan(wr.loc["within_run:full", "spearman_ci_low"]) and wr["spearman_p"].isna().all()
+
+
+def test_across_runs_uses_each_runs_final_checkpoint():
+    rows = []
+    for i, (run, fin_x, fin_y) in enumerate(
+        (("r1", 0.9, 0.8), ("r2", 0.5, 0.3), ("r3", 0.7, 0.6), ("r4", 0.2, 0.1))
+    ):
+        rows.append(
+            {
+                "run": run,
+                "checkpoint": "base",
+                "method": "full",
+                "step": 0,
+                "fraction": 0.0,
+                "x": 1.0,
+                "y": 0.9,
+            }
+        )
+        rows.append(
+            {"run": run, "checkpoint": "c1", "method": "full", "step": 5, "fraction": 0.5, "x": 0.0, "y": i}
+        )
+        if run == "r4":  # a stepless root model of the run: its end
+            rows.append(
+                {
+                    "run": run,
+                    "checkpoint": "final",
+                    "method": "full",
+                    "step": np.nan,
+                    "fraction": np.nan,
+                    "x": fin_x,
+                    "y": fin_y,
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "run": run,
+                    "checkpoint": "c2",
+                    "method": "full",
+                    "step": 10,
+                    "fraction": 1.0,
+                    "x": fin_x,
+                    "y": fin_y,
+                }
+            )
+    t = pd.DataFrame(rows)
+    finals = final_checkpoints(t)
+    assert finals["run"].tolist() == ["r1", "r2", "r3", "r4"]
+    assert finals["checkpoint"].tolist() == ["c2", "c2", "c2", "final"]
+    res = correlate(t, ["x"], ["y"])
+    across = res[res["group"] == "across_runs:all"].iloc[0]
+    expected = pair_stats(np.array([0.9, 0.5, 0.7, 0.2]), np.array([0.8, 0.3, 0.6, 0.1]))
+    assert across["n"] == 4 and across["n_runs"] == 4 and across["scope"] == "across_runs"
+    assert across["spearman_rho"] == pytest.approx(1.0) and across["pearson_r"] == pytest.approx(
+        expected["pearson_r"]
+    )
+    assert across["spearman_p"] == pytest.approx(
+        2 / 24
+    )  # exact: the identity and its reverse of 4! orderings
+    assert set(res.loc[res["scope"] == "pooled", "group"]) == {"all", "full"}
+    assert (strongest(res, k=50)["scope"] == "pooled").all()  # the report's list stays the pooled question
+
+
+def test_per_layer_correlation_marks_the_chosen_layer_and_has_intervals():
+    drift, beh = [], []
+    for run, shift in (("r1", 0.0), ("r2", 0.05), ("r3", 0.1)):
+        for step, r in {0: 0.9, 10: 0.7, 20: 0.5}.items():
+            key = {"run": run, "method": "full", "lr": 1e-4, "step": step, "fraction": step / 20}
+            beh.append({**key, "metric": "refusal_rate", "value": r if step else 0.9})
+            for layer in (0, 1, 2):
+                cos = 1.0 if step == 0 else r + shift + 0.01 * layer
+                drift.append({**key, "layer": layer, "module": "", "metric": "cos_to_base", "value": cos})
+                drift.append({**key, "layer": layer, "module": "", "metric": "proj_gap", "value": 2 * cos})
+    drift, beh = pd.DataFrame(drift), pd.DataFrame(beh)
+    pl = per_layer_correlation(drift, beh, refusal_layer=1)
+    assert set(pl["scope"]) == {"pooled"} and pl.loc[pl["chosen"], "layer"].tolist() == [1, 1]  # all and full
+    assert (pl["n_runs"] == 3).all() and (pl["spearman_ci_low"] <= pl["spearman_ci_high"]).all()
+    by_run = per_layer_correlation(drift, beh, refusal_layer={"r1": 2, "r2": 2, "r3": 2}, scopes=SCOPES)
+    assert set(by_run["group"]) >= {"all", "within_run:all", "across_runs:all"}
+    assert by_run.loc[by_run["chosen"], "layer"].unique().tolist() == [2]
+    wide = per_layer_correlations(drift, beh, refusal_layer=1)
+    assert set(wide["metric"]) == {"cos_to_base", "proj_gap"} and set(wide["y"]) == {"refusal_rate"}
+    pooled = pooled_layers(wide)
+    assert pooled.drop(columns="scope").equals(pl.drop(columns="scope"))
+
+
+def test_committed_cpu_small_groups_have_sane_n():
+    """On the committed cpu-small sweep (8 runs of 4 checkpoints, 2 distinct bases): pooled 34 points, a method's
+    2 runs 9 points; within-run all 8 runs' 40 rows; across runs one final checkpoint per run."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments/results/cpu-small/analysis/checkpoints.csv"
+    table = pd.read_csv(path)
+    res = correlate(table, ["cos_to_base_at_rl", "proj_gap_at_rl"], ["refusal_rate"])
+    plain = res[res["control"] == ""].set_index(["x", "group"])
+    cos = plain.loc["cos_to_base_at_rl"]
+    assert cos.loc["all", ["n", "n_runs"]].tolist() == [34, 8]
+    for method in ("dpo", "full", "lora", "qlora"):
+        assert cos.loc[method, ["n", "n_runs"]].tolist() == [9, 2]
+        assert cos.loc[f"within_run:{method}", "n_runs"] == 2
+    assert cos.loc["within_run:all", ["n", "n_runs"]].tolist() == [40, 8]
+    assert cos.loc["across_runs:all", ["n", "n_runs"]].tolist() == [8, 8]
+    assert not any(g.startswith("across_runs:") and g != "across_runs:all" for g in cos.index)  # 2 runs < 3
+    ci = res.dropna(subset=["spearman_ci_low"])  # NaN where too few points or runs (partial rows of lora, qlora)
+    assert len(ci) > 20 and (ci["spearman_ci_low"] <= ci["spearman_ci_high"]).all()
+    # refusal falls as the direction turns: positive across runs, with an interval above 0
+    assert cos.loc["across_runs:all", "spearman_ci_low"] > 0

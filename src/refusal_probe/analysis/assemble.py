@@ -20,6 +20,7 @@ TABLES = (
     "direction_candidates",
     "checkpoints",
     "correlations",
+    "per_layer_correlations",
     "method_contrast",
     "prompts",
     "predictions",
@@ -44,6 +45,12 @@ HOW = {
     "sufficiency_base": "score_harmless with the base direction vector (not normalised) added to the residual "
     "stream entering block l, minus score_harmless (as in direction selection)",
     "causal_reading": READINGS_HOW,
+    "noise floors": "split_half_cos, cos_to_base_ci_low/high, proj_gap_random_mean/sd per layer (probe/noise.py): "
+    "the cosine of two disjoint prompt halves' directions (mean and sd over seeded splits; _sb stepped up to n "
+    "prompts), a percentile interval from resampling the prompts against the fixed base direction, the gap on "
+    "seeded random unit directions",
+    "per_layer_correlations": "every layer's drift metric (cos_to_base, proj_gap) against refusal rate, in each "
+    "correlation scope (see correlations), with run-bootstrap intervals; chosen = the run's refusal layer",
 }
 
 
@@ -136,7 +143,11 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
     written += tables.write_table(table, out, "checkpoints")
     y_cols = [c for c in ("refusal_rate", "chrf") if c in table.columns]
     corr = correlate.correlate(table, None, y_cols) if y_cols else pd.DataFrame()
-    per_layer = correlate.per_layer_correlation(drift, beh) if "refusal_rate" in y_cols else None
+    per_layer = None
+    if "refusal_rate" in y_cols:
+        layer_corr = correlate.per_layer_correlations(drift, beh, refusal_layer=layers)
+        written += tables.write_table(layer_corr, out, "per_layer_correlations") if len(layer_corr) else []
+        per_layer = correlate.pooled_layers(layer_corr)  # the report's cos_to_base table (pooled scope)
     if len(corr):
         written += tables.write_table(corr, out, "correlations")
     width = {c.run: int(refs[ref_key(c)].result.direction.numel()) for c in tree}

@@ -7,13 +7,20 @@ the p-values would be inflated by copies of the same model.
 Checkpoints of one run are not independent either: each row also carries a 95% interval from a bootstrap that
 resamples whole runs (``uncertainty.run_bootstrap``), and rows with ``control`` = delta_fro_total give the partial
 correlation of each internal metric with refusal rate once the size of the weight update is partialled out.
+
+Three scopes (column ``scope``): ``pooled`` (every checkpoint, the rows this table always had, groups "all" and
+each method), ``within_run`` (over the steps of each run, the per-run correlation averaged over runs: does the
+metric track behaviour as one run trains?) and ``across_runs`` (the final checkpoint of each run, one point per
+run: do runs that drift more end up refusing less?). Non-pooled groups are named ``<scope>:<group>`` (e.g.
+``within_run:all``, ``across_runs:full``), so a reader that selects group "all" still gets the pooled rows only.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,10 +35,6 @@ DEFAULT_X = (
     "mean_cos_to_base",
     "delta_fro_total",
     "delta_along_refusal_total",
-    "score_harmful_at_rl",
-    "necessity_base_at_rl",
-    "necessity_own_at_rl",
-    "sufficiency_base_at_rl",
 )
 DEFAULT_Y = ("refusal_rate", "chrf")
 MIN_POINTS = 3
@@ -41,7 +44,8 @@ CI_COLUMNS = ("pearson_ci_low", "pearson_ci_high", "spearman_ci_low", "spearman_
 # partial correlations: each internal metric with refusal rate, the size of the weight update partialled out
 PARTIAL_Y = "refusal_rate"
 PARTIAL_Z = "delta_fro_total"
-TABLE_COLUMNS = (*RESULT_COLUMNS, *CI_COLUMNS, "control")
+SCOPES = ("pooled", "within_run", "across_runs")
+TABLE_COLUMNS = (*RESULT_COLUMNS, *CI_COLUMNS, "control", "scope")
 CORRELATIONS_HOW = (
     "one row per (x, y, group): Pearson r and Spearman rho over checkpoints (the base once per distinct base), "
     "p-values treating checkpoints as independent; pearson_ci_low/high and spearman_ci_low/high are the 2.5 and "
@@ -50,7 +54,16 @@ CORRELATIONS_HOW = (
     "resampled, NaN with fewer than 2 runs. Rows with control = "
     f"{PARTIAL_Z} are partial correlations of x with {PARTIAL_Y} controlling for {PARTIAL_Z} (x and y each "
     "residualised on it by least squares, Pearson on values, Spearman on ranks; p not computed), with their own "
-    "run-bootstrap interval."
+    "run-bootstrap interval. scope = pooled: those rows over every checkpoint (groups all and each method). "
+    "scope = within_run (groups within_run:all, within_run:<method>): for each run, Pearson r and Spearman rho "
+    "over its own checkpoints (its base, step 0, included; a run needs 3 points and a non-constant x and y); "
+    "pearson_r and spearman_rho are the unweighted means over the runs where rho is defined, n_runs those runs, "
+    "n their checkpoints, no p-values; the interval is the percentile interval of that mean over "
+    f"{uncertainty.N_BOOT} resamples of those runs with replacement (seed {uncertainty.SEED}). scope = "
+    "across_runs (groups across_runs:all, across_runs:<method>): the final checkpoint of each run only (largest "
+    "fraction, then step; never the base), one point per run, p-values as for pooled, the run-bootstrap interval "
+    "and, for refusal rate, the partial correlation on the same points. Method groups need 3 points (within_run: "
+    "1 run)."
 )
 
 
@@ -94,12 +107,20 @@ def exact_spearman_p(x: np.ndarray, y: np.ndarray) -> float:
     ry = stats.rankdata(y)
     n = len(rx)
     require(n <= EXACT_MAX_N, f"exact Spearman p-value needs n <= {EXACT_MAX_N}, got {n}")
-    perms = np.array(list(itertools.permutations(range(n))), dtype=np.intp)
+    perms = _permutations(n)
     dx = rx - rx.mean()
     dy = ry[perms] - ry.mean()
     rho = (dy @ dx) / np.sqrt((dx @ dx) * (dy * dy).sum(axis=1))
     observed = abs(float(rho[0]))  # permutation 0 is the identity
     return float(np.mean(np.abs(rho) >= observed - 1e-12))
+
+
+@functools.lru_cache(maxsize=EXACT_MAX_N)
+def _permutations(n: int) -> np.ndarray:
+    """All n! orderings of range(n), identity first (built once per n: per-layer tables ask for them often)."""
+    out = np.array(list(itertools.permutations(range(n))), dtype=np.intp)
+    out.flags.writeable = False
+    return out
 
 
 def dedupe_base(df: pd.DataFrame, value_cols: Sequence[str]) -> pd.DataFrame:
@@ -122,11 +143,13 @@ def correlate(
     checkpoint_table: pd.DataFrame,
     x_cols: Sequence[str] | None = None,
     y_cols: Sequence[str] | None = None,
+    scopes: Sequence[str] = SCOPES,
 ) -> pd.DataFrame:
-    """Pearson and Spearman correlation for every (x, y) pair over checkpoints, for all runs and per method.
+    """Pearson and Spearman correlation for every (x, y) pair, for all runs and per method, in each of ``scopes``.
 
-    The "all" group is always reported (NaN statistics below 3 points); a method's group only when it has >= 3
-    points. Default columns: ``DEFAULT_X`` x ``DEFAULT_Y``, those present in the table.
+    The "all" group of each scope is always reported (NaN statistics below 3 points); a method's group only when
+    it has >= 3 points (within_run: one run with a defined rho). Default columns: ``DEFAULT_X`` x ``DEFAULT_Y``,
+    those present in the table.
     """
     cols = set(checkpoint_table.columns)
     if x_cols is None:
@@ -138,30 +161,88 @@ def correlate(
             raise UserError(
                 f"cannot correlate column {c!r}: not in the checkpoint table ({', '.join(sorted(cols))})"
             )
+    unknown = [s for s in scopes if s not in SCOPES]
+    require(not unknown, f"unknown correlation scope(s) {unknown}; choose from {', '.join(SCOPES)}")
+    finals = final_checkpoints(checkpoint_table)
     rows = []
     for x in x_cols:
         for y in y_cols:
-            if x == y:
-                continue
-            all_rows = dedupe_base(checkpoint_table, [x, y])
-            groups = [("all", all_rows)]
-            if "method" in cols:
-                for method in sorted(m for m in checkpoint_table["method"].dropna().unique() if m):
-                    groups.append((str(method), _method_group_rows(checkpoint_table, method, [x, y])))
-            for group, df in groups:
+            if x != y:
+                rows += pair_rows(checkpoint_table, x, y, scopes, finals)
+    if PARTIAL_Y in y_cols and PARTIAL_Z in cols:
+        xs = [x for x in x_cols if x not in (PARTIAL_Y, PARTIAL_Z)]
+        if "pooled" in scopes:
+            rows += _partial_rows(checkpoint_table, xs)
+        if "across_runs" in scopes:
+            rows += _partial_rows(finals, xs, scope="across_runs")
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _methods(table: pd.DataFrame) -> list[str]:
+    if "method" not in table.columns:
+        return []
+    return sorted(str(m) for m in table["method"].dropna().unique() if m)
+
+
+def _group_name(scope: str, group: str) -> str:
+    return group if scope == "pooled" else f"{scope}:{group}"
+
+
+def pair_rows(
+    table: pd.DataFrame, x: str, y: str, scopes: Sequence[str] = SCOPES, finals: pd.DataFrame | None = None
+) -> list[dict]:
+    """The rows of one (x, y) pair: every scope, group "all" then each method (see ``correlate``)."""
+    rows = []
+    for scope in scopes:
+        src = table
+        if scope == "across_runs":
+            src = final_checkpoints(table) if finals is None else finals
+        for group in ["all", *_methods(src)]:
+            gsrc = _group_source(src, group)
+            if scope == "within_run":
+                w = uncertainty.within_run(gsrc[x], gsrc[y], gsrc["run"]) if "run" in gsrc.columns else None
+                if w is None or (group != "all" and w["n_runs"] < 1):
+                    continue
+                s = {"n": w["n"], "pearson_r": w["pearson_r"], "pearson_p": np.nan}
+                s |= {"spearman_rho": w["spearman_rho"], "spearman_p": np.nan}
+                ci = {c: w[c] for c in CI_COLUMNS}
+            else:
+                df = dedupe_base(gsrc, [x, y])
                 s = pair_stats(df[x].to_numpy(dtype=np.float64), df[y].to_numpy(dtype=np.float64))
                 if group != "all" and s["n"] < MIN_POINTS:
                     continue
-                ci = _interval(_group_source(checkpoint_table, group), x, y)
-                rows.append({"x": x, "y": y, "group": group, **s, **ci, "control": ""})
-    if PARTIAL_Y in y_cols and PARTIAL_Z in cols:
-        rows += _partial_rows(checkpoint_table, [x for x in x_cols if x not in (PARTIAL_Y, PARTIAL_Z)])
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+                ci = _interval(gsrc, x, y)
+            name = _group_name(scope, group)
+            rows.append({"x": x, "y": y, "group": name, **s, **ci, "control": "", "scope": scope})
+    return rows
+
+
+def final_checkpoints(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: its last checkpoint (largest fraction, then step; a stepless "final" counts as the end),
+    never the base. Runs with only a base are left out."""
+    if not len(table) or "run" not in table.columns:
+        return table.iloc[:0]
+    step = pd.to_numeric(table["step"], errors="coerce") if "step" in table.columns else None
+    frac = pd.to_numeric(table["fraction"], errors="coerce") if "fraction" in table.columns else None
+    key = pd.DataFrame(index=table.index)
+    key["frac"] = frac if frac is not None else np.nan
+    if "checkpoint" in table.columns:
+        key.loc[key["frac"].isna() & (table["checkpoint"] == "final"), "frac"] = 1.0
+    key["step"] = step if step is not None else np.nan
+    base = step.eq(0) if step is not None else pd.Series(False, index=table.index)
+    if "checkpoint" in table.columns:
+        base |= table["checkpoint"].eq("base")
+    key = key[~base].fillna(-np.inf)
+    if not len(key):
+        return table.iloc[:0]
+    key["run"] = table.loc[key.index, "run"].astype(str)
+    last = key.sort_values(["run", "frac", "step"], kind="mergesort").groupby("run").tail(1).index
+    return table.loc[sorted(last)]
 
 
 def _group_source(table: pd.DataFrame, group: str) -> pd.DataFrame:
     """The rows a group's bootstrap resamples: every run ("all") or a method's runs, base rows not yet deduped."""
-    if group == "all":
+    if group == "all" or "method" not in table.columns:
         return table
     runs = table.loc[table["method"] == group, "run"].unique()
     return table[table["run"].isin(runs)]
@@ -182,12 +263,10 @@ def _interval(df: pd.DataFrame, x: str, y: str, z: str | None = None) -> dict:
     return {c: res[c] for c in CI_COLUMNS}
 
 
-def _partial_rows(table: pd.DataFrame, x_cols: Sequence[str]) -> list[dict]:
+def _partial_rows(table: pd.DataFrame, x_cols: Sequence[str], scope: str = "pooled") -> list[dict]:
     """Partial correlation of each x with PARTIAL_Y given PARTIAL_Z, for all runs and per method (>= 4 points)."""
     y, z = PARTIAL_Y, PARTIAL_Z
-    groups = ["all"]
-    if "method" in table.columns:
-        groups += sorted(str(m) for m in table["method"].dropna().unique() if m)
+    groups = ["all", *_methods(table)]
     rows = []
     for x in x_cols:
         for group in groups:
@@ -200,7 +279,7 @@ def _partial_rows(table: pd.DataFrame, x_cols: Sequence[str]) -> list[dict]:
                 {
                     "x": x,
                     "y": y,
-                    "group": group,
+                    "group": _group_name(scope, group),
                     "n": p["n"],
                     "pearson_r": p["pearson_r"],
                     "pearson_p": np.nan,
@@ -208,9 +287,24 @@ def _partial_rows(table: pd.DataFrame, x_cols: Sequence[str]) -> list[dict]:
                     "spearman_p": np.nan,
                     **_interval(src, x, y, z),
                     "control": z,
+                    "scope": scope,
                 }
             )
     return rows
+
+
+PER_LAYER_COLUMNS = (
+    "layer",
+    "group",
+    "n",
+    "pearson_r",
+    "pearson_p",
+    "spearman_rho",
+    "spearman_p",
+    *CI_COLUMNS,
+    "chosen",
+    "scope",
+)
 
 
 def per_layer_correlation(
@@ -218,14 +312,18 @@ def per_layer_correlation(
     behaviour: pd.DataFrame | None,
     metric: str = "cos_to_base",
     y: str = "refusal_rate",
+    refusal_layer: int | Mapping[str, int] | None = None,
+    scopes: Sequence[str] = ("pooled",),
 ) -> pd.DataFrame:
     """For each layer, how well the drift ``metric`` at that layer tracks behaviour ``y`` across checkpoints.
 
-    Returns columns layer, group, n, pearson_r, pearson_p, spearman_rho, spearman_p (group "all" and each method
-    with >= 3 points), sorted by group then layer. The layer with the largest |spearman_rho| in group "all" is the
-    one whose drift tracks behaviour best. Empty when there is no behaviour.
+    Returns ``PER_LAYER_COLUMNS``: per layer and group (as in ``correlate``: "all" and each method with >= 3
+    points, in each of ``scopes``) the correlations with their run-bootstrap intervals; ``chosen`` marks the
+    refusal layer of the group's runs (``refusal_layer``: one layer, or a layer per run). Sorted by scope, group
+    then layer. The layer with the largest |spearman_rho| in group "all" is the one whose drift tracks behaviour
+    best. Empty when there is no behaviour.
     """
-    cols = ["layer", "group", "n", "pearson_r", "pearson_p", "spearman_rho", "spearman_p"]
+    cols = list(PER_LAYER_COLUMNS)
     if behaviour is None or not len(behaviour):
         return pd.DataFrame(columns=cols)
     require(
@@ -242,25 +340,68 @@ def per_layer_correlation(
         else ["run", "step"]
     )
     b = b.loc[:, [*keys, "value"]].drop_duplicates(keys).rename(columns={"value": y})
-    d = drift[drift["metric"] == metric].loc[
-        :, list(dict.fromkeys(["run", "method", "step", *keys, "layer", "value"]))
-    ]
+    meta = [c for c in ("run", "method", "step", "fraction", "checkpoint") if c in drift.columns]
+    d = drift[drift["metric"] == metric].loc[:, list(dict.fromkeys([*meta, *keys, "layer", "value"]))]
     joined = d.rename(columns={"value": metric}).merge(b, on=keys, how="inner")
     rows = []
     for layer, at_layer in joined.groupby("layer", sort=True):
         at_layer = at_layer.reset_index(drop=True)
-        groups = [("all", dedupe_base(at_layer, [metric, y]))]
-        for method in sorted(m for m in at_layer["method"].dropna().unique() if m):
-            groups.append((str(method), _method_group_rows(at_layer, method, [metric, y])))
-        for group, df in groups:
-            s = pair_stats(df[metric].to_numpy(), df[y].to_numpy())
-            if group != "all" and s["n"] < MIN_POINTS:
-                continue
-            rows.append({"layer": int(layer), "group": group, **s})
+        for r in pair_rows(at_layer, metric, y, scopes):
+            group = r["group"].split(":", 1)[-1]
+            runs = _group_source(at_layer, group)["run"].astype(str).unique()
+            r.update(layer=int(layer), chosen=_is_chosen(int(layer), runs, refusal_layer))
+            rows.append(r)
     out = pd.DataFrame(rows, columns=cols)
-    out["_g"] = out["group"] != "all"
-    out = out.sort_values(["_g", "group", "layer"], kind="mergesort").drop(columns="_g")
+    out["_s"] = out["scope"].map({s: i for i, s in enumerate(SCOPES)})
+    out["_g"] = ~out["group"].isin([_group_name(s, "all") for s in SCOPES])
+    out = out.sort_values(["_s", "_g", "group", "layer"], kind="mergesort").drop(columns=["_s", "_g"])
     return out.reset_index(drop=True)
+
+
+def _is_chosen(layer: int, runs: Sequence[str], refusal_layer: int | Mapping[str, int] | None) -> bool:
+    if refusal_layer is None:
+        return False
+    if isinstance(refusal_layer, Mapping):
+        return layer in {refusal_layer.get(r) for r in runs}
+    return layer == int(refusal_layer)
+
+
+PER_LAYER_METRICS = ("cos_to_base", "proj_gap")
+
+
+def pooled_layers(
+    per_layers: pd.DataFrame, metric: str = "cos_to_base", y: str = "refusal_rate"
+) -> pd.DataFrame:
+    """The pooled-scope rows of one metric x y from ``per_layer_correlations``, as ``per_layer_correlation``
+    returns them (no metric/y columns)."""
+    if per_layers is None or not len(per_layers):
+        return pd.DataFrame(columns=list(PER_LAYER_COLUMNS))
+    sel = (per_layers["metric"] == metric) & (per_layers["y"] == y) & (per_layers["scope"] == "pooled")
+    return per_layers.loc[sel, list(PER_LAYER_COLUMNS)].reset_index(drop=True)
+
+
+def per_layer_correlations(
+    drift: pd.DataFrame,
+    behaviour: pd.DataFrame | None,
+    metrics: Sequence[str] = PER_LAYER_METRICS,
+    ys: Sequence[str] = ("refusal_rate",),
+    refusal_layer: int | Mapping[str, int] | None = None,
+    scopes: Sequence[str] = SCOPES,
+) -> pd.DataFrame:
+    """``per_layer_correlation`` for every drift metric x behaviour pair present, every scope, in one table with
+    ``metric`` and ``y`` columns (per_layer_correlations.csv)."""
+    frames = []
+    have = set(drift["metric"]) if len(drift) else set()
+    have_y = set(behaviour["metric"]) if behaviour is not None and len(behaviour) else set()
+    for metric in [m for m in metrics if m in have]:
+        for y in [v for v in ys if v in have_y]:
+            pl = per_layer_correlation(drift, behaviour, metric, y, refusal_layer, scopes)
+            if len(pl):
+                frames.append(pl.assign(metric=metric, y=y))
+    if not frames:
+        return pd.DataFrame(columns=["metric", "y", *PER_LAYER_COLUMNS])
+    out = pd.concat(frames, ignore_index=True)
+    return out.loc[:, ["metric", "y", *PER_LAYER_COLUMNS]]
 
 
 def best_layer(per_layer: pd.DataFrame, group: str = "all") -> dict | None:
@@ -273,11 +414,15 @@ def best_layer(per_layer: pd.DataFrame, group: str = "all") -> dict | None:
     return g.loc[g["spearman_rho"].astype(float).abs().idxmax()].to_dict()
 
 
-def strongest(correlations: pd.DataFrame, k: int = 10, min_n: int = MIN_POINTS) -> pd.DataFrame:
+def strongest(
+    correlations: pd.DataFrame, k: int = 10, min_n: int = MIN_POINTS, scope: str | None = "pooled"
+) -> pd.DataFrame:
     """The k plain (not partial) pairs with the largest |spearman_rho| (finite, n >= min_n), strongest first, larger n
-    first on ties."""
+    first on ties; of one ``scope`` (None: every scope)."""
     if correlations is None or not len(correlations):
         return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    if scope is not None and "scope" in correlations.columns:
+        correlations = correlations[correlations["scope"].fillna("pooled") == scope]
     if "control" in correlations.columns:  # plain correlations only: a partial one is a different question
         correlations = correlations[correlations["control"].fillna("") == ""]
     c = correlations[(correlations["n"] >= min_n) & np.isfinite(correlations["spearman_rho"].astype(float))]

@@ -31,8 +31,10 @@ CI_COLUMNS = (
 
 def base_keys(values: np.ndarray, is_base: np.ndarray) -> np.ndarray:
     """An integer key per row: -1 for a checkpoint, the same key for base rows with identical values (12 decimals)."""
-    values = np.asarray(values, dtype=np.float64).reshape(len(is_base), -1)
     keys = np.full(len(is_base), -1, dtype=np.intp)
+    if not len(keys):
+        return keys
+    values = np.asarray(values, dtype=np.float64).reshape(len(is_base), -1)
     idx = np.flatnonzero(np.asarray(is_base, dtype=bool))
     if len(idx):
         _, inv = np.unique(np.round(values[idx], 12), axis=0, return_inverse=True)
@@ -193,6 +195,63 @@ def run_bootstrap(
         spear = weighted_partial(cols[0], cols[1], cols[2], w, rank=True)
     q = [50 * (1 - level), 50 * (1 + level)]
     for name, vals in (("pearson", pear), ("spearman", spear)):
+        vals = vals[np.isfinite(vals)]
+        if len(vals):
+            lo, hi = np.percentile(vals, q)
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(lo), float(hi)
+    return out
+
+
+def within_run(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    runs: Sequence[object] | np.ndarray,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    resamples: np.ndarray | None = None,
+    level: float = LEVEL,
+) -> dict[str, float]:
+    """Correlation over the steps of each run, summarised across runs, with a run-bootstrap interval.
+
+    Each run's rows (its base, step 0, included) give a Pearson r and a Spearman rho over the points where x and y
+    are finite (NaN below 3 points or for a constant input). The summary is the unweighted mean over the runs whose
+    rho is defined (the contributing runs); the interval is the percentile interval of that mean over resamples
+    that draw contributing runs with replacement (``resamples`` (B, n_runs) indexes them in sorted order of their
+    names). n is the points of the contributing runs, n_runs their number; no interval below 2 of them.
+    """
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    run_arr = np.asarray(runs, dtype=object).astype(str)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    per_run = []
+    for r in np.unique(run_arr):
+        xr, yr = xa[ok & (run_arr == r)], ya[ok & (run_arr == r)]
+        if len(xr) < MIN_POINTS:
+            per_run.append({"n": len(xr), "pearson_r": np.nan, "spearman_rho": np.nan})
+            continue
+        w = np.ones((1, len(xr)))
+        per_run.append(
+            {
+                "n": len(xr),
+                "pearson_r": float(weighted_pearson(xr, yr, w)[0]),
+                "spearman_rho": float(weighted_spearman(xr, yr, w)[0]),
+            }
+        )
+    used = [s for s in per_run if np.isfinite(s["spearman_rho"])]
+    out: dict[str, float] = {c: np.nan for c in CI_COLUMNS[:4]}
+    out.update(
+        n=int(sum(s["n"] for s in used)),
+        n_runs=len(used),
+        n_points=int(sum(s["n"] for s in used)),
+        pearson_r=float(np.mean([s["pearson_r"] for s in used])) if used else np.nan,
+        spearman_rho=float(np.mean([s["spearman_rho"] for s in used])) if used else np.nan,
+    )
+    if len(used) < 2:
+        return out
+    draws = draw_runs(len(used), n_boot, seed) if resamples is None else np.atleast_2d(np.asarray(resamples))
+    q = [50 * (1 - level), 50 * (1 + level)]
+    for name, key in (("pearson", "pearson_r"), ("spearman", "spearman_rho")):
+        vals = np.array([s[key] for s in used])[draws].mean(axis=1)
         vals = vals[np.isfinite(vals)]
         if len(vals):
             lo, hi = np.percentile(vals, q)
