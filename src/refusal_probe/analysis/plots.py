@@ -670,5 +670,5 @@ def plot_causal_drift(
             if run in first:
                 ax.set_ylabel("change in refusal log-odds")
         axes[0].legend(loc="best", fontsize=7)
-        _finish(fig, "Causal drift at the refusal layer: does the model still use the direction?", summary)
+        _finish(fig, "Causal drift at the refusal layer", summary)
         return _save(fig, out_dir, "causal_drift")
