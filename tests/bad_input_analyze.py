@@ -259,3 +259,23 @@ CASES += [  # noise floors (probe/noise.py): 0 turns one off, otherwise enough t
         ("--n-prompts 1", "--n-split-halves 0"),
     ),
 ]
+
+# per-prompt internals: the eval's advbench.jsonl beside --behaviour, read before any model loads
+EVAL_BEHAVIOUR = (
+    "run,checkpoint,method,lr,step,fraction,metric,value,signature\n"
+    "full-lr1e-4,checkpoint-1,full,0.0001,1,1.0,refusal_rate,0.5,\n"
+)
+
+
+def _bad_eval_record(ws: Workspace) -> list:
+    ws.file("eval/full-lr1e-4/checkpoint-1/advbench.jsonl", '{"i": 0, "response": "no prompt"}\n')
+    return _analyze(ws, "--behaviour", ws.file("eval/behaviour.csv", EVAL_BEHAVIOUR))
+
+
+CASES += [
+    Case(
+        "analyze-eval-advbench-bad-record",
+        _bad_eval_record,
+        ("advbench.jsonl", "line 1", "--no-prompt-internals"),
+    ),
+]
