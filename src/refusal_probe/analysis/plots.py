@@ -621,6 +621,145 @@ def plot_behaviour(
         return _save(fig, out_dir, "behaviour")
 
 
+# ----------------------------------------------------------------------------------------------- the study's figures
+
+
+def _wilson_err(rate: pd.Series, n: int | None) -> np.ndarray | None:
+    """Asymmetric error bars (2 x len) of Wilson 95% intervals for refusal rates judged on n prompts."""
+    if not n:
+        return None
+    from refusal_probe.analysis.findings import wilson
+
+    r = pd.to_numeric(rate, errors="coerce").to_numpy(dtype=float)
+    ci = np.array([wilson(round(v * n), n) if np.isfinite(v) else (np.nan, np.nan) for v in r]).reshape(-1, 2)
+    return np.vstack([r - ci[:, 0], ci[:, 1] - r])
+
+
+def _behaviour_rows(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    if table is None or not len(table) or not {"refusal_rate", "chrf", "run", "step"} <= set(table.columns):
+        return None
+    t = table.dropna(subset=["refusal_rate", "chrf"]).copy()
+    t["lr"] = pd.to_numeric(t["lr"], errors="coerce")
+    t["step"] = pd.to_numeric(t["step"], errors="coerce")
+    return t if len(t) else None
+
+
+def figure1_lr(table: pd.DataFrame) -> float | None:
+    """The learning rate Figure 1 shows: the one with the most methods (then most runs, then the highest)."""
+    t = table[table["step"] > 0].dropna(subset=["lr"])
+    if not len(t):
+        return None
+    g = t.groupby("lr").agg(methods=("method", "nunique"), runs=("run", "nunique")).reset_index()
+    return float(g.sort_values(["methods", "runs", "lr"], ascending=False).iloc[0]["lr"])
+
+
+def figure1_refusal_vs_chrf(
+    table: pd.DataFrame | None,
+    out_dir: str | Path,
+    *,
+    lr: float | None = None,
+    n: int | None = None,
+    summary: Mapping | None = None,
+) -> list[Path]:
+    """Figure 1: refusal rate against chrF at one learning rate; each run's checkpoints are a path from its base."""
+    t = _behaviour_rows(table)
+    if t is None:
+        return []
+    lr = figure1_lr(t) if lr is None else lr
+    if lr is None:
+        return []
+    runs = [r for r in _runs(t) if np.isclose(t.loc[t["run"] == r, "lr"].dropna(), lr).any()]
+    if not runs:
+        return []
+    styles = _run_styles(t[t["run"].isin(runs)])
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+        ax = fig.subplots()
+        for run in runs:
+            g = t[t["run"] == run].sort_values("step")
+            st = styles[run]
+            err = _wilson_err(g["refusal_rate"], n)
+            ax.errorbar(
+                g["chrf"],
+                g["refusal_rate"],
+                yerr=err,
+                color=st["color"],
+                linestyle=st["linestyle"],
+                marker=st["marker"],
+                markersize=4,
+                capsize=2,
+                elinewidth=0.7,
+                label=st["label"],
+            )
+            x, y = g["chrf"].to_numpy(float), g["refusal_rate"].to_numpy(float)
+            for i in range(1, len(g)):
+                ax.annotate(
+                    "",
+                    xy=(x[i], y[i]),
+                    xytext=(x[i - 1], y[i - 1]),
+                    arrowprops={"arrowstyle": "->", "color": st["color"], "lw": 1.0},
+                )
+        base = t[(t["step"] == 0) & t["run"].isin(runs)].drop_duplicates(["chrf", "refusal_rate"])
+        ax.scatter(base["chrf"], base["refusal_rate"], s=120, marker="*", color="0.1", zorder=4, label="base")
+        ax.set(
+            xlabel="chrF (translation quality)",
+            ylabel=METRIC_LABELS["refusal_rate"],
+            ylim=(-0.03, 1.03),
+            title=f"Refusal vs chrF at lr {lr:g}: each run from its base (star) through its checkpoints",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        _finish(fig, "Figure 1: what fine-tuning traded", summary)
+        return _save(fig, out_dir, "figure1_refusal_vs_chrf")
+
+
+def figure2_over_checkpoints(
+    table: pd.DataFrame | None,
+    out_dir: str | Path,
+    *,
+    n: int | None = None,
+    summary: Mapping | None = None,
+) -> list[Path]:
+    """Figure 2: refusal rate (top row) and chrF (bottom row) over training, one column per learning rate, one
+    line per run coloured by method."""
+    t = _behaviour_rows(table)
+    if t is None:
+        return []
+    lrs = sorted({float(v) for v in t.loc[t["step"] > 0, "lr"].dropna()}, reverse=True)
+    if not lrs:
+        return []
+    t = t.assign(_p=_progress(t))
+    styles = _run_styles(t)
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(3.8 * len(lrs) + 1.2, 6.6), layout="constrained")
+        axes = fig.subplots(2, len(lrs), sharex=True, sharey="row", squeeze=False)
+        for j, lr in enumerate(lrs):
+            at = t[np.isclose(t["lr"].astype(float), lr)]
+            for run in _runs(at):
+                g = at[at["run"] == run].sort_values("_p")
+                st = styles[run]
+                axes[0, j].errorbar(
+                    g["_p"],
+                    g["refusal_rate"],
+                    yerr=_wilson_err(g["refusal_rate"], n),
+                    capsize=2,
+                    elinewidth=0.7,
+                    markersize=4,
+                    **st,
+                )
+                axes[1, j].plot(g["_p"], g["chrf"], markersize=4, **st)
+            axes[0, j].set(title=f"lr {lr:g}", ylim=(-0.03, 1.03))
+            axes[1, j].set(xlabel="fraction of training (0 = base)")
+            axes[0, j].legend(fontsize=6.5, loc="best")
+            for ax in axes[:, j]:
+                ax.grid(alpha=0.3)
+        ci = f"\n(bars: Wilson 95%, n = {n} prompts)" if n else ""
+        axes[0, 0].set_ylabel(METRIC_LABELS["refusal_rate"] + ci)
+        axes[1, 0].set_ylabel(METRIC_LABELS["chrf"])
+        _finish(fig, "Figure 2: refusal and chrF over training, per learning rate and method", summary)
+        return _save(fig, out_dir, "figure2_over_checkpoints")
+
+
 CAUSAL_SERIES = (
     ("necessity_base", "necessity, base direction (harmful: score - ablated)", "tab:red", "o", "-"),
     ("necessity_own", "necessity, own direction (harmful: score - ablated)", "tab:orange", "s", "--"),
