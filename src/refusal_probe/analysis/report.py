@@ -1,42 +1,65 @@
-"""The analysis report: ``report.md`` and the same content as a standalone ``report.html``.
+"""The analysis report: findings first, then the study's figures, the tables, and last, folded away, provenance.
 
-The report is built once as a list of blocks and rendered twice, so the two files never disagree. It says what
-was measured and how (model, prompts, positions, judge and metric signatures), which refusal layer was chosen,
-a per-checkpoint table with a definition of every column, the strongest correlations with n and p, and the figures
-(PNG shown, SVG linked, both by path relative to the report).
+The report is built once as a list of blocks and rendered twice (``report.md``, ``report.html``), so the two never
+disagree. The HTML is one self-contained file: each figure's PNG is embedded as a data URI, a
+Content-Security-Policy meta tag forbids every request (``default-src 'none'; img-src data:``), and there is no
+script, font or stylesheet from anywhere else. Every figure also lies beside the report as PNG and SVG. Paths are
+shown relative to the tree (``<cache>/...``, ``~/...`` or ``.../name`` outside it), never as a path of the machine
+that wrote them.
 
-Summary keys read (all optional; anything else is listed verbatim under "Other recorded fields"):
-``bases`` ({spec: {refusal_layer, position, ...}} or a list of dicts with "spec"), ``runs`` ({run: {base, ...}}),
-``prompts`` ({name: {source, n}}), ``settings`` (flat dict), ``signatures`` ({name: signature string}),
-``checkpoints`` / ``meta_source`` (where each checkpoint's metadata came from), ``model``, ``refusal_layer``,
-``position``.
+Inputs: summary.json (``summary``), the checkpoints and correlations tables, the figures analyze drew, and, read
+from the output folder when present, behaviour.csv, drift.csv (per-layer correlations), method_contrast.csv and
+prediction.json. Anything absent makes its section say it is not available.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from refusal_probe.analysis.correlate import EXACT_MAX_N, MIN_POINTS, best_layer, strongest
+from refusal_probe.analysis import findings as fnd
+from refusal_probe.analysis.correlate import CORRELATIONS_HOW, best_layer, strongest
 from refusal_probe.analysis.tables import COLUMN_DOCS, summary_bases
 from refusal_probe.core.io import write_text
 
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 FIGURE_DOCS: dict[str, tuple[str, str]] = {
+    "figure1_refusal_vs_chrf": (
+        "Figure 1: refusal rate vs chrF",
+        "At one learning rate (the one most methods share), each run is a path from its base model (star) through "
+        "its checkpoints in training order: down is refusal lost, right is translation gained. Bars: Wilson 95% "
+        "intervals from the number of judged prompts.",
+    ),
+    "figure2_over_checkpoints": (
+        "Figure 2: refusal and chrF over training",
+        "Refusal rate (top) and chrF (bottom) against fraction of training, one column per learning rate, one line "
+        "per run coloured by method. Bars: Wilson 95% intervals.",
+    ),
     "drift_cos_to_base_by_layer": (
         "Direction drift by layer",
         "Cosine between each checkpoint's difference-of-means direction and the base model's, at every layer; "
         "one line per checkpoint coloured by fraction of training, base dashed, refusal layer dotted.",
     ),
+    "drift_proj_gap_by_layer": (
+        "Refusal signal by layer",
+        "Harmful minus harmless mean projection on the base model's unit refusal direction, per layer.",
+    ),
+    "drift_probe_acc_by_layer": (
+        "Linear separability by layer",
+        "Held-out accuracy of a logistic-regression probe of harmful vs harmless activations, per layer.",
+    ),
     "cos_heatmap": (
-        "Direction drift over training",
+        "Direction drift over training (layer x step)",
         "cos_to_base per layer (rows) and checkpoint (columns), one panel per run; the refusal layer is boxed.",
     ),
     "delta_by_layer": (
@@ -44,8 +67,18 @@ FIGURE_DOCS: dict[str, tuple[str, str]] = {
         "||W_ckpt - W_base||_F per layer: root-sum-square over all modules (solid), attention (dashed) and "
         "MLP (dotted) modules; one line per checkpoint.",
     ),
+    "causal_drift": (
+        "Causal drift",
+        "Refusal-token log-odds with and without the base (or own) direction ablated on harmful prompts, and with "
+        "the base direction added on harmless prompts, at the refusal layer, over training.",
+    ),
+    "lora_vs_full": (
+        "LoRA vs full fine-tuning",
+        "Where in depth the direction drifts, how large and concentrated the updates are, at matched learning rate "
+        "and matched chrF.",
+    ),
     "method_comparison": (
-        "Full fine-tuning vs LoRA",
+        "Full fine-tuning vs LoRA, per layer",
         "Final-checkpoint direction drift and weight change per layer, and behaviour during training, at matched "
         "learning rates where the sweep has them.",
     ),
@@ -55,19 +88,40 @@ FIGURE_DOCS: dict[str, tuple[str, str]] = {
         "(one point per checkpoint, base as a star).",
     ),
 }
-CORRELATION_DOC = (
-    "Each checkpoint is one point; the base model (step 0 of every run) is counted once per distinct base. "
-    "Spearman rho is the rank correlation, Pearson r the linear one (scipy.stats.spearmanr / pearsonr), both over "
-    "the checkpoints where both values are finite. p is two-sided and uncorrected for the {m} tests in this table: "
-    "Pearson p from scipy's t-test, Spearman p exact over all n! pairings when n <= {exact} (scipy's t "
-    "approximation beyond). "
-    "Checkpoints of one run are not independent samples, so read p as a guide, not a test. Groups: 'all' = every "
-    "run; a method name = that method's runs (reported when it has >= {k} points)."
+# report sections that show figures, in order: (title, figure stems, what to say when none was drawn)
+SECTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    (
+        "Figure 1: refusal vs chrF",
+        ("figure1_refusal_vs_chrf",),
+        "needs refusal rates and chrF (`refusal-probe eval`)",
+    ),
+    (
+        "Figure 2: over training",
+        ("figure2_over_checkpoints",),
+        "needs refusal rates and chrF (`refusal-probe eval`)",
+    ),
+    (
+        "Direction drift by layer",
+        ("drift_cos_to_base_by_layer", "drift_proj_gap_by_layer", "drift_probe_acc_by_layer"),
+        "no drift was measured",
+    ),
+    ("Layer x step heatmap", ("cos_heatmap",), "no drift was measured"),
+    (
+        "Weight-delta profiles",
+        ("delta_by_layer",),
+        "no weight-delta figure (analyze draws it unless `--no-deltas`)",
+    ),
+    (
+        "Causal drift",
+        ("causal_drift", "drift_necessity_base_by_layer", "drift_sufficiency_base_by_layer"),
+        "no causal measures were recorded",
+    ),
+    ("LoRA vs full fine-tuning", ("lora_vs_full", "method_comparison"), "the tree lacks full or LoRA runs"),
 )
+STUDY_FIGURES = ("figure1_refusal_vs_chrf", "figure2_over_checkpoints")  # drawn by the report itself
+LABELS = ("label_refusal", "label_echo", "label_degenerate", "label_comply")
 
 Block = tuple
-
-
 # ----------------------------------------------------------------------------------------------- formatting
 
 
@@ -127,112 +181,190 @@ def _generic(obj: Any) -> list[Block]:
     return [("p", str(obj))]
 
 
+# ----------------------------------------------------------------------------------------------- paths
+
+
+_ABS = re.compile(r"(?<![\w.~<>:/+-])(?:/[^\s/`'\"|,;()\[\]{}<>=]+){2,}/?")
+
+
+def path_scrubber(summary: Mapping, out_dir: Path) -> Callable[[str], str]:
+    """A function that rewrites every absolute path in a string: relative to the tree root (or the analysis folder
+    outside it), ``<cache>/...`` in the shared cache, ``~/...`` under home, else ``.../<last part>``."""
+    from refusal_probe.core.io import cache_root
+
+    raw_tree = summary.get("tree")
+    tree: Mapping = raw_tree if isinstance(raw_tree, Mapping) else {}
+    prefixes: list[tuple[str, str]] = []
+    for raw, label in (
+        (tree.get("root"), ""),
+        (str(out_dir), "<analysis>"),
+        (str(cache_root()), "<cache>"),
+        (str(Path.home()), "~"),
+    ):
+        if raw:
+            for p in {str(Path(raw).absolute()), str(Path(raw).resolve())}:
+                if p != "/":
+                    prefixes.append((p.rstrip("/"), label))
+    prefixes.sort(key=lambda x: len(x[0]), reverse=True)
+
+    def one(m: re.Match) -> str:
+        path = m.group(0)
+        for prefix, label in prefixes:
+            if path == prefix or path.startswith(prefix + "/"):
+                rest = path[len(prefix) :].lstrip("/")
+                if not label:
+                    return rest or "."
+                return f"{label}/{rest}" if rest else label
+        return ".../" + path.rstrip("/").rsplit("/", 1)[-1]
+
+    return lambda text: _ABS.sub(one, text)
+
+
+def _scrub_block(block: Block, scrub: Callable[[str], str]) -> Block:
+    if block[0] == "img":  # file names relative to the report
+        return block
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return scrub(v)
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, tuple):
+            return tuple(walk(x) for x in v)
+        return v
+
+    return (block[0], *[walk(v) for v in block[1:]])
+
+
 # ----------------------------------------------------------------------------------------------- content
 
 
-def _measured(summary: Mapping) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "What was measured and how")]
+def _findings(items: Sequence[fnd.Finding]) -> list[Block]:
+    blocks: list[Block] = [("h", 2, "Findings")]
     blocks.append(
         (
             "p",
-            "For every checkpoint the probe captured residual-stream activations (entering each decoder block) "
-            "on harmful and harmless prompts, took the difference of their means as that checkpoint's refusal "
-            "direction per layer, and compared it with the base model's direction at the same layer and position "
-            "(cosine, norm ratio, projections on the base model's chosen unit refusal direction). Weight changes "
-            "are Frobenius norms of W_checkpoint - W_base per weight matrix (LoRA: from the factors, never merged). "
-            "Behaviour (refusal rate, chrF) comes from `refusal-probe eval` on the same checkpoints.",
+            "Computed from the tables beside this report; every number is stated with what it rests on. Intervals "
+            "are 95%: Wilson for a refusal rate, Newcombe for a change of refusal rate, a bootstrap over runs for a "
+            "correlation.",
         )
     )
-    bases = summary_bases(summary)
-    if bases:
-        blocks.append(("h", 3, "Base model(s)"))
-        blocks += _generic(bases)
-    elif summary.get("model") or summary.get("base_model"):
-        blocks.append(("p", f"Base model: `{summary.get('model') or summary.get('base_model')}`"))
-    if summary.get("runs"):
-        blocks.append(("h", 3, "Runs"))
-        blocks += _generic(summary["runs"])
-    if summary.get("prompts"):
-        blocks.append(("h", 3, "Prompts"))
-        blocks += _generic(summary["prompts"])
-    if summary.get("settings"):
-        blocks.append(("h", 3, "Settings"))
-        blocks += _generic(summary["settings"])
-    if summary.get("signatures"):
-        blocks.append(("h", 3, "Judge and metric signatures"))
-        blocks.append(("p", "Each score below was computed exactly as its signature says."))
-        blocks.append(("code", "\n".join(f"{k}: {v}" for k, v in summary["signatures"].items())))
-    tree = summary.get("tree")
-    if isinstance(tree, Mapping):
-        blocks.append(("h", 3, "Checkpoint tree"))
-        if tree.get("spec"):
-            blocks.append(("p", f"Tree: `{tree['spec']}`"))
-        if tree.get("notes"):
-            blocks.append(("ul", [str(n) for n in tree["notes"]]))
-        skipped = tree.get("skipped") or []
-        if skipped:
-            blocks.append(("p", f"{len(skipped)} folder(s) could not be read as runs and were skipped:"))
-            blocks += _generic(list(skipped))
-    meta = summary.get("checkpoints") or summary.get("meta_source")
-    if meta:
-        blocks.append(("h", 3, "Where each checkpoint's metadata came from"))
-        blocks += _generic(meta)
-    known = {
-        "tree",
-        "bases",
-        "runs",
-        "prompts",
-        "settings",
-        "signatures",
-        "checkpoints",
-        "meta_source",
-        "model",
-        "base_model",
-    }
-    known |= {"refusal_layer", "position"}
-    rest = {k: v for k, v in summary.items() if k not in known}
-    if rest:
-        blocks.append(("h", 3, "Other recorded fields"))
-        blocks.append(("code", json.dumps(rest, indent=2, default=str, sort_keys=True)))
+    for f in items:
+        blocks.append(("h", 3, f.title))
+        blocks.append(("p", f.text))
+        if f.items:
+            blocks.append(("ul", list(f.items)))
     return blocks
 
 
-def _refusal_layer(summary: Mapping, table: pd.DataFrame | None) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "Chosen refusal layer")]
-    items = []
-    for spec, info in summary_bases(summary).items():
-        if info.get("refusal_layer") is None:
-            continue
-        text = f"`{spec}`: layer {info['refusal_layer']}"
-        if info.get("position") is not None:
-            text += f", position {info['position']}"
-        how = info.get("selection") or info.get("how") or info.get("selected_by")
-        if how:
-            text += f" (chosen by {_inline(how)})"
-        items.append(text)
-    if not items and summary.get("refusal_layer") is not None:
-        pos = f", position {summary['position']}" if summary.get("position") is not None else ""
-        items.append(f"layer {summary['refusal_layer']}{pos}")
-    if not items and table is not None and "refusal_layer" in table.columns:
-        layers = sorted({int(v) for v in table["refusal_layer"].dropna()})
-        items = [f"layer {v}" for v in layers]
-    if items:
-        blocks.append(
-            (
-                "p",
-                "The base model's difference-of-means direction at this layer is the refusal direction "
-                "that projections (proj_*) and delta_along_refusal are measured against; *_at_rl columns "
-                "are read at this layer.",
+def _figure_blocks(stem: str, files: Mapping[str, str], heading: bool = True) -> list[Block]:
+    title, doc = FIGURE_DOCS.get(stem, (stem.replace("_", " "), ""))
+    if stem.startswith("drift_") and stem not in FIGURE_DOCS:
+        metric = stem[len("drift_") : -len("_by_layer")] if stem.endswith("_by_layer") else stem
+        title, doc = f"{metric} by layer", f"Drift metric {metric} per layer, one line per checkpoint."
+    blocks: list[Block] = [("h", 3, title)] if heading else []
+    if doc:
+        blocks.append(("p", doc))
+    blocks.append(("img", title, files.get("png"), files.get("svg")))
+    return blocks
+
+
+def _figure_files(out_dir: Path, figures: Iterable[str | os.PathLike]) -> dict[str, dict[str, str]]:
+    by_stem: dict[str, dict[str, str]] = {}
+    for f in figures:
+        f = Path(f)
+        rel = Path(os.path.relpath(f, out_dir)).as_posix()
+        by_stem.setdefault(f.stem, {})[f.suffix.lstrip(".").lower()] = rel
+    return by_stem
+
+
+def _correlations(corr: pd.DataFrame | None, per_layer: pd.DataFrame | None, k: int) -> list[Block]:
+    blocks: list[Block] = [("h", 2, "Correlations with intervals")]
+    if corr is None or not len(corr):
+        return [
+            *blocks,
+            ("p", "Not available: no behaviour to correlate with (run `refusal-probe eval` on the tree)."),
+        ]
+    blocks.append(("p", CORRELATIONS_HOW))
+    top = strongest(corr, k=k)
+    order = [
+        "x",
+        "y",
+        "group",
+        "n",
+        "n_runs",
+        "spearman_rho",
+        "spearman_ci_low",
+        "spearman_ci_high",
+        "pearson_r",
+        "pearson_ci_low",
+        "pearson_ci_high",
+        "spearman_p",
+        "pearson_p",
+    ]
+    if len(top):
+        blocks.append(("h", 3, f"The {len(top)} strongest (by |Spearman rho|)"))
+        blocks.append(_table(top.loc[:, [c for c in order if c in top.columns]], ("spearman_p", "pearson_p")))
+    if "control" in corr.columns:
+        part = corr[(corr["control"].fillna("").astype(str) != "") & (corr["group"] == "all")]
+        if len(part):
+            z = part["control"].iloc[0]
+            blocks.append(
+                ("h", 3, f"With {z} partialled out (does the metric say more than the update size?)")
             )
+            cols = [c for c in (*order, "control") if c in part.columns and not c.endswith("_p")]
+            blocks.append(_table(part.loc[:, cols]))
+    if per_layer is not None and len(per_layer):
+        blocks.append(("h", 3, "Which layer's drift tracks refusal"))
+        best = best_layer(per_layer)
+        if best:
+            blocks.append(
+                (
+                    "p",
+                    f"Across all runs, cos_to_base at layer {int(best['layer'])} tracks the refusal rate best: "
+                    f"Spearman rho = {fmt(best['spearman_rho'])} (n = {int(best['n'])} checkpoints).",
+                )
+            )
+        allg = per_layer[per_layer["group"] == "all"]
+        cols = [c for c in ("layer", "chosen", *order[3:]) if c in allg.columns]
+        blocks.append(_table(allg.loc[:, cols], ("spearman_p", "pearson_p")))
+    return blocks
+
+
+def _labels(table: pd.DataFrame | None, n: int | None) -> list[Block]:
+    blocks: list[Block] = [("h", 2, "Behaviour: label breakdown")]
+    if table is None or "refusal_rate" not in table.columns:
+        return [*blocks, ("p", "Not available: no behaviour measurements (run `refusal-probe eval`).")]
+    labels = [c for c in LABELS if c in table.columns]
+    labels += sorted(c for c in table.columns if c.startswith("label_") and c not in labels)
+    extra = [c for c in ("chrf", "xstest_refusal_rate", "over_refusal_rate") if c in table.columns]
+    keys = [c for c in ("run", "checkpoint", "step") if c in table.columns]
+    t = table.loc[:, [*keys, "refusal_rate", *labels, *extra]].copy()
+    if n:
+        ci = [
+            fnd.wilson(round(float(r) * n), n) if pd.notna(r) else (np.nan, np.nan) for r in t["refusal_rate"]
+        ]
+        t.insert(len(keys) + 1, "refusal_ci_low", [c[0] for c in ci])
+        t.insert(len(keys) + 2, "refusal_ci_high", [c[1] for c in ci])
+    blocks.append(
+        (
+            "p",
+            "Share of judged responses per label at each checkpoint: refusal, echo (the prompt repeated), "
+            "degenerate (empty or repetitive), comply; refusal_rate is the judge's refusal verdict"
+            + (
+                f", with a Wilson 95% interval from n = {n} prompts."
+                if n
+                else " (prompt count not recorded)."
+            )
+            + " Each label's definition is in the judge signature under Provenance.",
         )
-        blocks.append(("ul", items))
-    else:
-        blocks.append(("p", "No refusal layer was recorded; the *_at_rl columns are empty."))
+    )
+    blocks.append(_table(t))
     return blocks
 
 
 def _checkpoints(table: pd.DataFrame | None) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "Per-checkpoint measurements")]
+    blocks: list[Block] = [("h", 2, "Every checkpoint")]
     if table is None or not len(table):
         return [*blocks, ("p", "No checkpoints were measured.")]
     blocks.append(
@@ -246,60 +378,131 @@ def _checkpoints(table: pd.DataFrame | None) -> list[Block]:
         f"{c}: {COLUMN_DOCS.get(c, 'as reported by refusal-probe eval (see signatures)')}"
         for c in table.columns
     ]
-    blocks += [("h", 3, "How each column was computed"), ("ul", defs)]
+    blocks += [("details", "How each column was computed"), ("ul", defs), ("enddetails",)]
     return blocks
 
 
-def _correlations(correlations: pd.DataFrame | None, per_layer: pd.DataFrame | None, k: int) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "Strongest correlations with behaviour")]
-    if correlations is None or not len(correlations):
-        return [
-            *blocks,
-            ("p", "No behaviour measurements to correlate with: run `refusal-probe eval` on the tree."),
-        ]
-    top = strongest(correlations, k=k)
-    blocks.append(("p", CORRELATION_DOC.format(m=len(correlations), k=MIN_POINTS, exact=EXACT_MAX_N)))
-    if not len(top):
-        blocks.append(("p", f"No pair had >= {MIN_POINTS} checkpoints with finite, non-constant values."))
-    else:
-        cols = ["x", "y", "group", "n", "spearman_rho", "spearman_p", "pearson_r", "pearson_p"]
-        blocks.append(_table(top.loc[:, cols], p_cols=("spearman_p", "pearson_p")))
-    if per_layer is not None and len(per_layer):
-        best = best_layer(per_layer)
-        blocks.append(("h", 3, "Which layer's drift tracks refusal"))
-        if best:
-            blocks.append(
-                (
-                    "p",
-                    f"Across all runs, cos_to_base at layer {int(best['layer'])} tracks the refusal rate best: "
-                    f"Spearman rho = {fmt(best['spearman_rho'])} (p = {fmt(best['spearman_p'], p=True)}, "
-                    f"n = {int(best['n'])} checkpoints). Per layer, same method as above:",
-                )
+def _contrast(contrast: pd.DataFrame | None) -> list[Block]:
+    if contrast is None or not len(contrast):
+        return [("p", "`method_contrast.csv` is not present: the per-layer contrast table is not available.")]
+    return [("h", 3, "method_contrast.csv"), _table(contrast)]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("refusal-probe", "torch", "transformers", "peft", "pandas", "matplotlib", "sacrebleu"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _provenance(summary: Mapping, out_dir: Path) -> list[Block]:
+    blocks: list[Block] = [
+        ("details", "Provenance: model, data, judges, metric signatures, versions, commands")
+    ]
+    blocks.append(("h", 2, "Provenance"))
+    blocks.append(
+        (
+            "p",
+            "For every checkpoint the probe captured residual-stream activations (entering each decoder block) "
+            "on harmful and harmless prompts, took the difference of their means as that checkpoint's refusal "
+            "direction per layer, and compared it with the base model's direction at the same layer and position. "
+            "Weight changes are Frobenius norms of W_checkpoint - W_base per weight matrix (LoRA: from the factors, "
+            "never merged). Behaviour (refusal rate, chrF) comes from `refusal-probe eval` on the same checkpoints.",
+        )
+    )
+    bases = summary_bases(summary)
+    if bases:
+        blocks.append(("h", 3, "Base model(s) and chosen refusal layer"))
+        rows = []
+        for spec, info in bases.items():
+            rows.append(
+                {"base": spec, **{k: v for k, v in info.items() if not isinstance(v, (Mapping, list))}}
             )
-        allg = per_layer[per_layer["group"] == "all"]
-        cols = ["layer", "n", "spearman_rho", "spearman_p", "pearson_r", "pearson_p"]
-        blocks.append(_table(allg.loc[:, cols], p_cols=("spearman_p", "pearson_p")))
-    return blocks
+        blocks += _generic(rows)
+        for spec, info in bases.items():
+            sel = info.get("selection_settings")
+            if isinstance(sel, Mapping) and sel:
+                blocks.append(("p", f"How the direction of `{spec}` was selected:"))
+                blocks.append(("code", json.dumps(sel, indent=2, default=str, sort_keys=True)))
+    elif summary.get("model") or summary.get("base_model"):
+        blocks.append(("p", f"Base model: `{summary.get('model') or summary.get('base_model')}`"))
+    for key, title in (("runs", "Runs"), ("prompts", "Prompts (data)"), ("settings", "Settings")):
+        if summary.get(key):
+            blocks.append(("h", 3, title))
+            blocks += _generic(summary[key])
+    if summary.get("signatures"):
+        blocks.append(("h", 3, "Judge and metric signatures"))
+        blocks.append(("p", "Each behaviour number was computed exactly as its signature says."))
+        blocks.append(("code", "\n".join(f"{k}: {v}" for k, v in summary["signatures"].items())))
+    if isinstance(summary.get("how"), Mapping):
+        blocks.append(("h", 3, "How each measure is defined"))
+        blocks.append(("ul", [f"{k}: {v}" for k, v in summary["how"].items()]))
+    tree = summary.get("tree")
+    if isinstance(tree, Mapping):
+        blocks.append(("h", 3, "Checkpoint tree"))
+        if tree.get("spec"):
+            blocks.append(("p", f"Tree: `{tree['spec']}`"))
+        if tree.get("notes"):
+            blocks.append(("ul", [str(n) for n in tree["notes"]]))
+        skipped = tree.get("skipped") or []
+        if skipped:
+            blocks.append(("p", f"{len(skipped)} folder(s) could not be read as runs and were skipped:"))
+            blocks += _generic(list(skipped))
+    if summary.get("notes"):
+        blocks.append(("h", 3, "Notes"))
+        blocks.append(("ul", [str(n) for n in summary["notes"]]))
+    meta = summary.get("checkpoints") or summary.get("meta_source")
+    if meta:
+        blocks.append(("h", 3, "Checkpoints and where their metadata came from"))
+        blocks += _generic(meta)
+    from refusal_probe import __version__
 
-
-def _figures(out_dir: Path, figures: Iterable[str | os.PathLike]) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "Figures")]
-    by_stem: dict[str, dict[str, str]] = {}
-    for f in figures:
-        f = Path(f)
-        rel = Path(os.path.relpath(f, out_dir)).as_posix()
-        by_stem.setdefault(f.stem, {})[f.suffix.lstrip(".").lower()] = rel
-    if not by_stem:
-        return [*blocks, ("p", "No figures were drawn.")]
-    for stem, files in by_stem.items():
-        title, doc = FIGURE_DOCS.get(stem, (stem.replace("_", " "), ""))
-        if stem.startswith("drift_") and stem not in FIGURE_DOCS:
-            metric = stem[len("drift_") : -len("_by_layer")] if stem.endswith("_by_layer") else stem
-            title, doc = f"{metric} by layer", f"Drift metric {metric} per layer, one line per checkpoint."
-        blocks.append(("h", 3, title))
-        if doc:
-            blocks.append(("p", doc))
-        blocks.append(("img", title, files.get("png"), files.get("svg")))
+    blocks.append(("h", 3, "Versions"))
+    recorded = summary.get("versions")
+    if isinstance(recorded, Mapping) and recorded:
+        blocks.append(("p", "Recorded by the run that measured:"))
+        blocks.append(("ul", _kv_items(recorded)))
+    blocks.append(("p", "Of the program that wrote this report:"))
+    blocks.append(("ul", _kv_items(_versions() or {"refusal-probe": __version__})))
+    blocks.append(("h", 3, "Commands"))
+    cmds = []
+    if isinstance(tree, Mapping) and tree.get("spec"):
+        cmds.append(f"measured with: refusal-probe analyze {tree['spec']}  (settings as listed above)")
+    if summary.get("command"):
+        c = summary["command"]
+        cmds.append(f"measured with: {' '.join(map(str, c)) if isinstance(c, list) else c}")
+    cmds.append("regenerate this report (no model is loaded): refusal-probe report <this folder>")
+    blocks.append(("code", "\n".join(cmds)))
+    known = {
+        "tree",
+        "bases",
+        "runs",
+        "prompts",
+        "settings",
+        "signatures",
+        "checkpoints",
+        "meta_source",
+        "model",
+        "base_model",
+        "refusal_layer",
+        "position",
+        "how",
+        "notes",
+        "versions",
+        "command",
+        "tables",
+        "figures",
+    }
+    rest = {k: v for k, v in summary.items() if k not in known}
+    if rest:
+        blocks.append(("h", 3, "Other recorded fields"))
+        blocks.append(("code", json.dumps(rest, indent=2, default=str, sort_keys=True)))
+    blocks.append(("enddetails",))
     return blocks
 
 
@@ -311,26 +514,62 @@ def build_blocks(
     figures: Iterable[str | os.PathLike],
     *,
     per_layer: pd.DataFrame | None = None,
+    behaviour: pd.DataFrame | None = None,
+    contrast: pd.DataFrame | None = None,
+    prediction: Mapping | None = None,
     title: str = "refusal-probe analysis",
     top_k: int = 10,
 ) -> list[Block]:
+    """The report's blocks: findings, figures by section, tables, provenance (folded), with paths scrubbed."""
     from refusal_probe import __version__
 
     summary = summary or {}
+    n = fnd.refusal_n(behaviour, summary.get("signatures"))
     blocks: list[Block] = [("h", 1, title)]
     blocks.append(
         (
             "p",
-            f"Written by refusal-probe {__version__}. Tables next to this report hold every number "
-            "at full precision; this page rounds to 4 significant digits.",
+            f"Written by refusal-probe {__version__}. The tables beside this report (CSV and Parquet) hold every "
+            "number at full precision; this page rounds them. Each figure is beside it as PNG and SVG.",
         )
     )
-    blocks += _measured(summary)
-    blocks += _refusal_layer(summary, checkpoint_table)
-    blocks += _checkpoints(checkpoint_table)
+    found = fnd.all_findings(checkpoint_table, correlations, n=n, contrast=contrast, pred=prediction)
+    blocks += _findings(found)
+    files = _figure_files(out_dir, figures)
+    shown: set[str] = set()
+    for section, stems, missing in SECTIONS:
+        blocks.append(("h", 2, section))
+        have = [s for s in stems if s in files]
+        if section == "Direction drift by layer":
+            have += sorted(
+                s
+                for s in files
+                if s.startswith("drift_")
+                and s not in stems
+                and s.endswith("_by_layer")
+                and s not in {x for _, st, _ in SECTIONS for x in st}
+            )
+        if not have:
+            blocks.append(("p", f"Not available: {missing}."))
+        for stem in have:
+            blocks += _figure_blocks(stem, files[stem], heading=len(have) > 1)
+            shown.add(stem)
+        if section == "LoRA vs full fine-tuning":
+            blocks += _contrast(contrast)
     blocks += _correlations(correlations, per_layer, top_k)
-    blocks += _figures(out_dir, figures)
-    return blocks
+    blocks += _labels(checkpoint_table, n)
+    if "behaviour" in files:
+        blocks += _figure_blocks("behaviour", files["behaviour"])
+        shown.add("behaviour")
+    blocks += _checkpoints(checkpoint_table)
+    rest = [s for s in files if s not in shown]
+    if rest:
+        blocks.append(("h", 2, "Other figures"))
+        for stem in rest:
+            blocks += _figure_blocks(stem, files[stem])
+    blocks += _provenance(summary, out_dir)
+    scrub = path_scrubber(summary, out_dir)
+    return [_scrub_block(b, scrub) for b in blocks]
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -365,6 +604,10 @@ def to_markdown(blocks: Sequence[Block]) -> str:
             if svg:
                 parts.append(f"[SVG]({svg})")
             out.append("\n\n".join(parts))
+        elif kind == "details":
+            out.append(f"<details><summary>{html.escape(b[1])}</summary>")
+        elif kind == "enddetails":
+            out.append("</details>")
     return "\n\n".join(out) + "\n"
 
 
@@ -376,18 +619,32 @@ def _html_inline(text: str) -> str:
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1em; display: block; overflow-x: auto; }
 th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 img { max-width: 100%; border: 1px solid #eee; }
+details { margin: 1em 0; } summary { cursor: pointer; font-weight: bold; }
+.files { color: #666; font-size: 0.85em; }
 """
 
 
-def to_html(blocks: Sequence[Block], title: str = "refusal-probe analysis") -> str:
+def _data_uri(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def to_html(
+    blocks: Sequence[Block], title: str = "refusal-probe analysis", base_dir: Path | None = None
+) -> str:
+    """One self-contained page: PNGs (relative to ``base_dir``) embedded as data URIs, nothing fetched."""
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"/>',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}"/>',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
     ]
     for b in blocks:
@@ -408,12 +665,50 @@ def to_html(blocks: Sequence[Block], title: str = "refusal-probe analysis") -> s
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif kind == "img":
             _, alt, png, svg = b
-            if png:
-                out.append(f'<p><img src="{html.escape(png)}" alt="{html.escape(alt)}"/></p>')
-            if svg:
-                out.append(f'<p><a href="{html.escape(svg)}">SVG</a></p>')
+            uri = _data_uri((base_dir or Path(".")) / png) if png else None
+            if uri:
+                out.append(f'<p><img src="{uri}" alt="{html.escape(alt)}"/></p>')
+            else:
+                out.append(f"<p>[figure {html.escape(alt)}: no PNG]</p>")
+            names = " and ".join(f"<code>{html.escape(f)}</code>" for f in (png, svg) if f)
+            out.append(f'<p class="files">Beside this report: {names}</p>')
+        elif kind == "details":
+            out.append(f"<details><summary>{html.escape(b[1])}</summary>")
+        elif kind == "enddetails":
+            out.append("</details>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def read_optional_inputs(out_dir: Path) -> dict[str, Any]:
+    """behaviour, contrast and prediction from an analysis folder, each None when its file is absent."""
+    from refusal_probe.core.io import read_json
+
+    got: dict[str, Any] = {"behaviour": None, "contrast": None, "prediction": None}
+    for key, name in (("behaviour", "behaviour.csv"), ("contrast", "method_contrast.csv")):
+        if (out_dir / name).is_file():
+            got[key] = pd.read_csv(out_dir / name)
+    if (out_dir / "prediction.json").is_file():
+        got["prediction"] = read_json(out_dir / "prediction.json")
+    return got
+
+
+def study_figures(
+    out_dir: Path, summary: Mapping | None, table: pd.DataFrame | None, behaviour: pd.DataFrame | None
+) -> list[Path]:
+    """Figures 1 and 2, drawn from the checkpoint table into ``out_dir``; a stale copy is removed where the table
+    no longer has what they need (no behaviour)."""
+    from refusal_probe.analysis import plots
+
+    n = fnd.refusal_n(behaviour, (summary or {}).get("signatures"))
+    drawn = plots.figure1_refusal_vs_chrf(table, out_dir, n=n, summary=summary)
+    drawn += plots.figure2_over_checkpoints(table, out_dir, n=n, summary=summary)
+    for stem in STUDY_FIGURES:
+        for ext in ("png", "svg"):
+            old = out_dir / f"{stem}.{ext}"
+            if old not in drawn and old.is_file():
+                old.unlink()
+    return drawn
 
 
 def write_report(
@@ -426,19 +721,28 @@ def write_report(
     per_layer: pd.DataFrame | None = None,
     title: str = "refusal-probe analysis",
     top_k: int = 10,
+    inputs_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``report.md`` and ``report.html`` (same content) into ``out_dir``; return the Markdown path."""
+    """Write ``report.md``, ``report.html`` (same content) and Figures 1 and 2 into ``out_dir``; return the
+    Markdown path. Any figure1/figure2 in ``figures`` is ignored: the report draws its own.
+
+    behaviour.csv, method_contrast.csv and prediction.json are read from ``inputs_dir`` (default ``out_dir``)
+    when they are there. Each file is written atomically."""
     out_dir = Path(out_dir)
+    extra = read_optional_inputs(Path(inputs_dir) if inputs_dir else out_dir)
+    others = [f for f in figures if Path(f).stem not in STUDY_FIGURES]
+    figures = [*study_figures(out_dir, summary, checkpoint_table, extra["behaviour"]), *others]
     blocks = build_blocks(
         out_dir,
         summary,
         checkpoint_table,
         correlations,
-        list(figures),
+        figures,
         per_layer=per_layer,
         title=title,
         top_k=top_k,
+        **extra,
     )
     md = write_text(out_dir / "report.md", to_markdown(blocks))
-    write_text(out_dir / "report.html", to_html(blocks, title))
+    write_text(out_dir / "report.html", to_html(blocks, title, out_dir))
     return md
