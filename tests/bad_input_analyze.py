@@ -4,6 +4,7 @@ that names the file or flag, and (apart from the cases that need a loaded model 
 from __future__ import annotations
 
 import fcntl
+from pathlib import Path
 
 from badinput import Case, Workspace
 
@@ -257,6 +258,54 @@ CASES += [  # noise floors (probe/noise.py): 0 turns one off, otherwise enough t
         "analyze-split-half-one-prompt",
         lambda ws: _analyze(ws, "--n-prompts", "1", "--no-separability"),
         ("--n-prompts 1", "--n-split-halves 0"),
+    ),
+]
+
+# `refusal-probe report FOLDER`: a folder analyze wrote, or the tree it was made of
+SUMMARY = '{"format": "refusal-probe/analysis/1", "figures": []}'
+CHECKPOINTS = "run,checkpoint,method,lr,step,fraction\nr,base,full,0.0001,0,0.0\n"
+
+
+def _analysis(ws: Workspace, summary: str = SUMMARY, checkpoints: str | None = CHECKPOINTS) -> Path:
+    folder = ws.path("analysis")
+    ws.file("analysis/summary.json", summary)
+    if checkpoints is not None:
+        ws.file("analysis/checkpoints.csv", checkpoints)
+    return folder
+
+
+CASES += [
+    Case("report-missing", lambda ws: ["report", str(ws.path("nope"))], ("nope", "no such folder")),
+    Case("report-a-file", lambda ws: ["report", str(ws.file("x.txt", "x"))], ("x.txt", "not a folder")),
+    Case(
+        "report-tree-never-analysed",
+        lambda ws: ["report", str(ws.run(steps=(1,)))],
+        ("full-lr1e-4", "no summary.json", "refusal-probe analyze"),
+    ),
+    Case(
+        "report-summary-not-json",
+        lambda ws: ["report", str(_analysis(ws, "{"))],
+        ("summary.json", "cannot read it as JSON"),
+    ),
+    Case(
+        "report-summary-of-something-else",
+        lambda ws: ["report", str(_analysis(ws, '{"format": "refusal-probe/eval/1"}'))],
+        ("summary.json", "not the summary.json of `refusal-probe analyze`"),
+    ),
+    Case(
+        "report-no-checkpoints-table",
+        lambda ws: ["report", str(_analysis(ws, checkpoints=None))],
+        ("checkpoints.csv", "not found", "re-run"),
+    ),
+    Case(
+        "report-checkpoints-wrong-columns",
+        lambda ws: ["report", str(_analysis(ws, checkpoints="a,b\n1,2\n"))],
+        ("checkpoints.csv", "lacks columns", "run"),
+    ),
+    Case(
+        "report-out-is-a-file",
+        lambda ws: ["report", str(_analysis(ws)), "--out", str(ws.file("r.txt", "x"))],
+        ("--out", "r.txt", "is a file"),
     ),
 ]
 

@@ -39,6 +39,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     AnalyzeSettings.add_arguments(p)
     p.set_defaults(func=_analyze)
+    r = sub.add_parser(
+        "report",
+        help="write the report again from an analysis folder's tables (no model is loaded)",
+        description=(
+            "Regenerate report.md, report.html (one self-contained file, figures embedded) and Figures 1 and 2 "
+            "from the tables and summary.json that `refusal-probe analyze` wrote. TREE resolves to its default "
+            "analysis folder."
+        ),
+    )
+    r.add_argument(
+        "target", metavar="TREE_OR_ANALYSIS_DIR", help="an analysis folder, or the tree it was made of"
+    )
+    r.add_argument(
+        "--out", help="write the report (and copies of the figures) here instead of into the folder"
+    )
+    r.set_defaults(func=_report)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -50,4 +66,12 @@ def _analyze(args: argparse.Namespace) -> int:
     out = analyze(args.ckpt, args.out, args.base, settings, args.shard, args.behaviour)
     if not args.shard:  # a shard only fills the cache; it says so itself
         print(f"analysis written to {out} (report: {out / 'report.md'})")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from refusal_probe.analysis.regenerate import regenerate
+
+    md = regenerate(args.target, args.out)
+    print(f"report written to {md.with_suffix('.html')} (and {md.name} beside it)")
     return 0
