@@ -246,6 +246,10 @@ def test_prompt_rows_match_the_eval_and_a_single_prompt_forward(eval_tree):
     assert np.isfinite(prompts[["projection", "refusal_score"]].to_numpy()).all()
     summary = json.loads((out / "summary.json").read_text())
     assert "prompts.csv" in summary["tables"] and "prompts" in summary["how"]
+    # one run: nothing to hold out, but the per-prompt AUROC needs no fit
+    report = json.loads((out / "prediction.json").read_text())
+    assert not (out / "predictions.csv").exists() and report["n"]["prompts"] == len(prompts)
+    assert set(report["auroc"]) == {"refusal_score", "projection"} and "too few groups" in report["fails"]
     folders = {
         "base": tree / "eval" / "_base",
         "checkpoint-2": tree / "eval" / "full-lr1e-4" / "checkpoint-2",

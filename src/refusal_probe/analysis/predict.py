@@ -412,15 +412,14 @@ def where_it_fails(report: dict[str, Any]) -> str:
 
 
 def write_predictions(table: pd.DataFrame, prompts: pd.DataFrame | None, out: str | Path) -> list[Path]:
-    """predictions.csv/.parquet and prediction.json in ``out``; nothing when no row has an observed refusal rate."""
+    """predictions.csv/.parquet (when a group can be held out) and prediction.json in ``out``; nothing when no row
+    has an observed refusal rate. One run alone still gets prediction.json: its per-prompt AUROC needs no fit."""
     from refusal_probe.analysis.tables import write_table
     from refusal_probe.core.io import write_json
 
     if TARGET not in table or not len(evaluation_rows(table, None)):
         return []
     pred, report = predict_all(table, prompts)
-    if not len(pred):
-        return []
-    written = write_table(pred, out, "predictions")
+    written = write_table(pred, out, "predictions") if len(pred) else []
     written.append(write_json(Path(out) / "prediction.json", report))
     return written
