@@ -274,3 +274,25 @@ def test_prompt_rows_match_the_eval_and_a_single_prompt_forward(eval_tree):
     got = prompts[(prompts["checkpoint"] == "base") & (prompts["prompt_id"] == first["i"])].iloc[0]
     assert got["projection"] == pytest.approx(want_proj, rel=1e-4, abs=1e-5)
     assert got["refusal_score"] == pytest.approx(want_score, rel=1e-4, abs=1e-4)
+
+
+def test_a_changed_eval_is_measured_again_and_a_removed_one_leaves_no_rows(eval_tree):
+    import json
+
+    from refusal_probe.cli import main
+
+    tree, _ = eval_tree
+    out = tree / "analysis"
+    jsonl = tree / "eval" / "full-lr1e-4" / "checkpoint-2" / "advbench.jsonl"
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    records[0]["refusal"] = not records[0]["refusal"]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["--n-prompts", "8", "--n-val", "4", "--no-separability", "--no-deltas", "--batch-size", "3"]
+    assert main(["analyze", str(tree), *args, "--no-progress"]) == 0
+    prompts = pd.read_csv(out / "prompts.csv")
+    first = prompts[(prompts["checkpoint"] == "checkpoint-2") & (prompts["prompt_id"] == records[0]["i"])]
+    assert first["refused"].tolist() == [records[0]["refusal"]]
+    jsonl.unlink()
+    assert main(["analyze", str(tree), *args, "--no-progress"]) == 0
+    prompts = pd.read_csv(out / "prompts.csv")
+    assert set(prompts["checkpoint"]) == {"base"}

@@ -81,6 +81,8 @@ def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, 
             refs[ref_key(c)] = base_reference(
                 c.base or str(c.path), c.path, settings, sets, cache, quant=c.quant, prompts=found.get(c.key)
             )
+            if c.key not in found:  # no eval prompts now: rows cached from an earlier eval are not current
+                refs[ref_key(c)].prompts = None
 
     todo = take_shard([c for c in tree if c.kind != "base"], shard_ij)
     entries: dict[str, dict] = {}
@@ -94,6 +96,8 @@ def _run(spec, out: Path, tree, settings, sets, shard, shard_ij, beh, beh_path, 
         if entry is None or not current(entry.get("prompts"), prompts):  # a re-run eval: its prompts changed
             entry = write_entry(path, c, checkpoint_rows(c, refs[ref_key(c)], settings, sets, prompts))
             computed += 1
+        if prompts is None:
+            entry.pop("prompts", None)
         entries[c.key] = entry
     if shard_ij:
         print(
