@@ -249,6 +249,8 @@ def test_report_html_is_self_contained_and_paths_relative(analysis):
     for page in (text, md):
         assert tree not in page and str(Path.home()) + "/" not in page
         assert "/tmp/" not in page  # the tiny base model lives under pytest's tmp: shown as .../model
+    for svg in analysis.glob("*.svg"):  # figure captions name the model as the report does
+        assert "/tmp/" not in svg.read_text(encoding="utf-8"), svg.name
     for stem in ("figure1_refusal_vs_chrf", "figure2_over_checkpoints", "drift_cos_to_base_by_layer"):
         assert (analysis / f"{stem}.png").is_file() and (analysis / f"{stem}.svg").is_file()
         assert f"({stem}.png)" in md and f"[SVG]({stem}.svg)" in md

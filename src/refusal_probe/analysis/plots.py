@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from refusal_probe.analysis.paths import path_scrubber
 from refusal_probe.analysis.tables import refusal_layer_by_run, summary_bases
 from refusal_probe.core.errors import require
 from refusal_probe.core.io import atomic_write
@@ -92,7 +93,7 @@ def caption(summary: Mapping | None, width: int = 150) -> str:
     settings = summary.get("settings") or {}
     if isinstance(settings, Mapping) and settings:
         parts.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    text = " | ".join(parts) or "refusal-probe analysis"
+    text = path_scrubber(summary)(" | ".join(parts)) or "refusal-probe analysis"  # no path of this machine
     lines = textwrap.wrap(text, width=width)
     if len(lines) > 2:
         lines = [lines[0], textwrap.shorten(" ".join(lines[1:]), width=width, placeholder=" ...")]
@@ -731,7 +732,7 @@ def figure2_over_checkpoints(
     t = t.assign(_p=_progress(t))
     styles = _run_styles(t)
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(3.8 * len(lrs) + 1.2, 6.6), layout="constrained")
+        fig = Figure(figsize=(max(7.0, 3.8 * len(lrs) + 1.2), 6.6), layout="constrained")
         axes = fig.subplots(2, len(lrs), sharex=True, sharey="row", squeeze=False)
         for j, lr in enumerate(lrs):
             at = t[np.isclose(t["lr"].astype(float), lr)]
@@ -756,7 +757,7 @@ def figure2_over_checkpoints(
         ci = f"\n(bars: Wilson 95%, n = {n} prompts)" if n else ""
         axes[0, 0].set_ylabel(METRIC_LABELS["refusal_rate"] + ci)
         axes[1, 0].set_ylabel(METRIC_LABELS["chrf"])
-        _finish(fig, "Figure 2: refusal and chrF over training, per learning rate and method", summary)
+        _finish(fig, "Figure 2: refusal and chrF over training", summary)
         return _save(fig, out_dir, "figure2_over_checkpoints")
 
 

@@ -19,7 +19,6 @@ import html
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pandas as pd
 
 from refusal_probe.analysis import findings as fnd
 from refusal_probe.analysis.correlate import CORRELATIONS_HOW, best_layer, strongest
+from refusal_probe.analysis.paths import path_scrubber
 from refusal_probe.analysis.tables import COLUMN_DOCS, summary_bases
 from refusal_probe.core.io import write_text
 
@@ -182,42 +182,6 @@ def _generic(obj: Any) -> list[Block]:
 
 
 # ----------------------------------------------------------------------------------------------- paths
-
-
-_ABS = re.compile(r"(?<![\w.~<>:/+-])(?:/[^\s/`'\"|,;()\[\]{}<>=]+){2,}/?")
-
-
-def path_scrubber(summary: Mapping, out_dir: Path) -> Callable[[str], str]:
-    """A function that rewrites every absolute path in a string: relative to the tree root (or the analysis folder
-    outside it), ``<cache>/...`` in the shared cache, ``~/...`` under home, else ``.../<last part>``."""
-    from refusal_probe.core.io import cache_root
-
-    raw_tree = summary.get("tree")
-    tree: Mapping = raw_tree if isinstance(raw_tree, Mapping) else {}
-    prefixes: list[tuple[str, str]] = []
-    for raw, label in (
-        (tree.get("root"), ""),
-        (str(out_dir), "<analysis>"),
-        (str(cache_root()), "<cache>"),
-        (str(Path.home()), "~"),
-    ):
-        if raw:
-            for p in {str(Path(raw).absolute()), str(Path(raw).resolve())}:
-                if p != "/":
-                    prefixes.append((p.rstrip("/"), label))
-    prefixes.sort(key=lambda x: len(x[0]), reverse=True)
-
-    def one(m: re.Match) -> str:
-        path = m.group(0)
-        for prefix, label in prefixes:
-            if path == prefix or path.startswith(prefix + "/"):
-                rest = path[len(prefix) :].lstrip("/")
-                if not label:
-                    return rest or "."
-                return f"{label}/{rest}" if rest else label
-        return ".../" + path.rstrip("/").rsplit("/", 1)[-1]
-
-    return lambda text: _ABS.sub(one, text)
 
 
 def _scrub_block(block: Block, scrub: Callable[[str], str]) -> Block:
