@@ -170,6 +170,14 @@ def test_lora_vs_full_by_hand():
     )
     contrast = pd.DataFrame({"pairing": ["matched_lr"], "run": ["lora-a"]})
     assert "(`method_contrast.csv`, 1 rows)" in f.lora_vs_full(_table(), contrast, 32).text
+    # with analyze's contrast table, its matched-lr headline joins the finding
+    from refusal_probe.analysis.contrast import method_contrast
+
+    real = method_contrast(_table(), None, None)
+    found = f.lora_vs_full(_table(), real, 32)
+    assert found.items[1].startswith(
+        "method_contrast.csv, lr 0.0001, lora vs full (final checkpoints): refusal 78% vs 0%"
+    )
     only_full = _table()[_table()["method"] == "full"]
     assert not f.lora_vs_full(only_full, None, 32).available
 

@@ -269,7 +269,12 @@ def strongest_correlate(corr: pd.DataFrame | None, y: str = "refusal_rate") -> F
         ]
         if len(part):
             p = part.iloc[0].to_dict()
-            items.append(f"with `{p['control']}` (update size) partialled out: {_rho_text(p)}")
+            if _finite(p.get("spearman_rho")):
+                items.append(f"with `{p['control']}` (update size) partialled out: {_rho_text(p)}")
+            else:
+                items.append(
+                    f"with `{p['control']}` partialled out: not computable on these {int(p['n'])} points"
+                )
     for group, what in (
         ("within_run:all", "within runs (over each run's steps, mean over runs)"),
         ("across_runs:all", "across runs (final checkpoints, one point per run)"),
@@ -336,6 +341,17 @@ def lora_vs_full(table: pd.DataFrame | None, contrast: pd.DataFrame | None, n: i
         text = f"At {len(items)} matched learning rate(s), each method's last checkpoint:"
     if contrast is not None and len(contrast):
         text += f" The full contrast (`method_contrast.csv`, {len(contrast)} rows) is tabulated below."
+        if {"pairing", "pair", "role"} <= set(contrast.columns):
+            from refusal_probe.analysis.contrast import headline
+
+            try:
+                items += [f"method_contrast.csv, {line}" for line in headline(contrast)]
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+            ):  # a contrast table of another version: the table still shows
+                pass
     else:
         text += " (`method_contrast.csv` is not present: the per-layer contrast is not available.)"
     return Finding("contrast", title, text, bool(items) or contrast is not None, tuple(items))
