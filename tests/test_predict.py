@@ -283,15 +283,23 @@ def test_a_changed_eval_is_measured_again_and_a_removed_one_leaves_no_rows(eval_
 
     tree, _ = eval_tree
     out = tree / "analysis"
+    (base_jsonl,) = (tree / "eval" / "_base").rglob("advbench.jsonl")
     jsonl = tree / "eval" / "full-lr1e-4" / "checkpoint-2" / "advbench.jsonl"
-    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    records[0]["refusal"] = not records[0]["refusal"]
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    flipped = {}
+    for name, path in (
+        ("base", base_jsonl),
+        ("checkpoint-2", jsonl),
+    ):  # the base's cached reference, an entry
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records[0]["refusal"] = not records[0]["refusal"]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        flipped[name] = records[0]
     args = ["--n-prompts", "8", "--n-val", "4", "--no-separability", "--no-deltas", "--batch-size", "3"]
     assert main(["analyze", str(tree), *args, "--no-progress"]) == 0
     prompts = pd.read_csv(out / "prompts.csv")
-    first = prompts[(prompts["checkpoint"] == "checkpoint-2") & (prompts["prompt_id"] == records[0]["i"])]
-    assert first["refused"].tolist() == [records[0]["refusal"]]
+    for name, rec in flipped.items():
+        first = prompts[(prompts["checkpoint"] == name) & (prompts["prompt_id"] == rec["i"])]
+        assert first["refused"].tolist() == [rec["refusal"]]
     jsonl.unlink()
     assert main(["analyze", str(tree), *args, "--no-progress"]) == 0
     prompts = pd.read_csv(out / "prompts.csv")
