@@ -75,6 +75,7 @@ def test_report_says_how_things_were_measured(analysis):
     text = md.read_text()
     assert "keywords:47|case:insensitive" in text and "nrefs:1|case:mixed" in text  # signatures verbatim
     assert "| tiny-llama | 2 | -1 |" in text  # base, refusal layer, position
+    assert "- `tiny-llama`: layer 2, position -1" in text.split("## Findings")[0]  # said before the findings
     assert "harmful_train" in text and "32" in text
     assert "delta_fro_total: ||W_ckpt - W_base||_F" in text  # every column has its definition
     assert "mean_cos_to_base: cos_to_base averaged over all layers" in text

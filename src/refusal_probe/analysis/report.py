@@ -470,6 +470,27 @@ def _provenance(summary: Mapping, out_dir: Path) -> list[Block]:
     return blocks
 
 
+def _refusal_layers(summary: Mapping, table: pd.DataFrame | None) -> list[str]:
+    """One line per base: the chosen refusal layer and position, and how it was chosen."""
+    items = []
+    for spec, info in summary_bases(summary).items():
+        if info.get("refusal_layer") is None:
+            continue
+        text = f"`{spec}`: layer {info['refusal_layer']}"
+        if info.get("position") is not None:
+            text += f", position {info['position']}"
+        how = info.get("selection") or info.get("how") or info.get("selected_by")
+        if how:
+            text += f" (chosen by {_inline(how)})"
+        items.append(text)
+    if not items and summary.get("refusal_layer") is not None:
+        pos = f", position {summary['position']}" if summary.get("position") is not None else ""
+        items.append(f"layer {summary['refusal_layer']}{pos}")
+    if not items and table is not None and "refusal_layer" in table.columns:
+        items = [f"layer {int(v)}" for v in sorted({int(v) for v in table["refusal_layer"].dropna()})]
+    return items
+
+
 def build_blocks(
     out_dir: Path,
     summary: Mapping | None,
@@ -497,6 +518,12 @@ def build_blocks(
             "number at full precision; this page rounds them. Each figure is beside it as PNG and SVG.",
         )
     )
+    layers = _refusal_layers(summary, checkpoint_table)
+    if layers:
+        blocks.append(
+            ("p", "Refusal direction (the base model's difference of means, *_at_rl columns read here):")
+        )
+        blocks.append(("ul", layers))
     found = fnd.all_findings(checkpoint_table, correlations, n=n, contrast=contrast, pred=prediction)
     blocks += _findings(found)
     files = _figure_files(out_dir, figures)
