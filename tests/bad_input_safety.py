@@ -79,6 +79,22 @@ CASES = [
         ("ema_decay=1.5", "--ema-decay"),
     ),
     Case(
+        "train-monitor-keyword-prompts-negative",
+        lambda ws: [
+            "train",
+            "--model",
+            ws.model(),
+            "--device",
+            "cpu",
+            "--safety-monitor",
+            "--monitor-keyword-prompts",
+            "-1",
+            "--out",
+            ws.out,
+        ],
+        ("monitor_keyword_prompts=-1", "--monitor-keyword-prompts"),
+    ),
+    Case(
         "train-project-without-direction",
         lambda ws: [
             "train",

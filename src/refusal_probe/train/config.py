@@ -258,6 +258,15 @@ class TrainConfig(Settings):
     )
     monitor_lr_factor: float = _opt(0.5, "The monitor multiplies the learning rate by this at each rollback.")
     monitor_prompts: int = _opt(16, "Harmful prompts (bundled harmful_val) the monitor measures.")
+    monitor_keyword_prompts: int = _opt(
+        0,
+        "A second monitor signal, off at 0: at each check the model answers the first N bundled harmful_val "
+        "prompts greedily (up to --monitor-max-new-tokens) and the evaluation's keyword judge gives the refusal "
+        "rate. A check rolls back when EITHER signal falls below --monitor-tolerance x its starting value.",
+    )
+    monitor_max_new_tokens: int = _opt(
+        24, "Longest answer, in tokens, of the keyword signal (each stops early at a refusal keyword)."
+    )
 
     # Safety-preserving options, gradients and losses: gradient surgery, EWC, refusal preservation, token
     # weighting (fields added here by their implementation)
@@ -385,6 +394,15 @@ class TrainConfig(Settings):
         _check(self.monitor_tolerance > 0, "monitor_tolerance", self.monitor_tolerance, "a positive number")
         _check(0 < self.monitor_lr_factor <= 1, "monitor_lr_factor", self.monitor_lr_factor, "in (0, 1]")
         _check(self.monitor_prompts >= 1, "monitor_prompts", self.monitor_prompts, "a positive integer")
+        n_kw = self.monitor_keyword_prompts
+        _check(0 <= n_kw <= 39, "monitor_keyword_prompts", n_kw, "in 0..39 (harmful_val; 0 = off)")
+        _check(
+            self.monitor_max_new_tokens >= 1, "monitor_max_new_tokens", self.monitor_max_new_tokens, ">= 1"
+        )
+        if n_kw and not self.safety_monitor:
+            raise UserError(
+                "--monitor-keyword-prompts N is a signal of --safety-monitor; add it or drop the flag"
+            )
         if self.project_off_refusal and self.uses_lora and self.lora_modules() != "all-linear":
             from refusal_probe.models.handle import RESIDUAL_WRITERS
 
@@ -518,6 +536,8 @@ WEIGHT_SPACE_SAFETY = frozenset(
         "monitor_tolerance",
         "monitor_lr_factor",
         "monitor_prompts",
+        "monitor_keyword_prompts",
+        "monitor_max_new_tokens",
     }
 )
 

@@ -6,6 +6,11 @@ no generation. At each check where the signal is at least tolerance x its starti
 weights, optimizer state, and any other stateful callback such as the EMA shadow) is kept in memory; a check below
 it restores the last good state, multiplies the learning rate (the optimizer's groups and the scheduler's base
 lrs) by a factor, and training continues. Every event and the monitor's own cost go to run.json.
+
+Optional second signal (--monitor-keyword-prompts N): the keyword refusal rate of greedy answers to N harmful
+prompts (keyword_signal.py). With it, a check fails when EITHER signal falls below tolerance x its own starting
+value; each event records both values, and the record the keyword signal's own seconds (keyword_s, part of
+monitor_s). A signal whose start is not positive cannot be seen to fall and passes every check.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class SafetyMonitor(TrainerCallback):
         lr_factor: float,
         extra: list[Any] | None = None,
         previous: dict[str, Any] | None = None,
+        keyword: Callable[[Any], float] | None = None,
+        keyword_info: dict[str, Any] | None = None,
     ):
         self.signal = signal
         self.every = every
@@ -58,6 +65,10 @@ class SafetyMonitor(TrainerCallback):
         self.previous = (
             previous or {}
         )  # the record of the run this one resumes: its start signal still counts
+        self.keyword = keyword  # the optional second signal (None: projection only, the record as before)
+        self.keyword_info = dict(keyword_info or {})
+        self.start_keyword: float | None = None
+        self.keyword_s = 0.0
 
     def _measure(self, model) -> float:
         t = time.monotonic()
@@ -65,6 +76,39 @@ class SafetyMonitor(TrainerCallback):
             return float(self.signal(model))
         finally:
             self.monitor_s += time.monotonic() - t
+
+    def _measure_keyword(self, model) -> float | None:
+        if self.keyword is None:
+            return None
+        t = time.monotonic()
+        try:
+            return float(self.keyword(model))
+        finally:
+            spent = time.monotonic() - t
+            self.keyword_s += spent
+            self.monitor_s += spent
+
+    def _values(self, model) -> tuple[float, float | None]:
+        """(projection, keyword refusal or None)."""
+        return self._measure(model), self._measure_keyword(model)
+
+    def _event(self, step: int, value: float, keyword: float | None, action: str) -> dict[str, Any]:
+        event: dict[str, Any] = {"step": step, "signal": value}
+        if self.keyword is not None:
+            event["keyword"] = keyword
+        event["action"] = action
+        return event
+
+    def _below(self, value: float, keyword: float | None) -> list[str]:
+        """The signals under tolerance x their start ("projection", "keyword"); a non-positive start never is."""
+        below = []
+        assert self.start is not None
+        if self.start > 0 and value < self.tolerance * self.start:
+            below.append("projection")
+        start_k = self.start_keyword
+        if keyword is not None and start_k is not None and start_k > 0 and keyword < self.tolerance * start_k:
+            below.append("keyword")
+        return below
 
     def _keep(self, model, optimizer, step: int) -> None:
         t = time.monotonic()
@@ -93,54 +137,73 @@ class SafetyMonitor(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.train_started = time.monotonic()
         self.params = trainable(model, optimizer)
-        value = self._measure(model)
+        value, keyword = self._values(model)
+        step = int(state.global_step)
         if self.previous.get("start_signal") is not None:
             self.start = float(self.previous["start_signal"])
+            kept = self.previous.get("start_keyword")
+            self.start_keyword = float(kept) if kept is not None else keyword
             self.events = list(self.previous.get("events", []))
             self.monitor_s += float(self.previous.get("monitor_s") or 0.0)
-            self.events.append({"step": int(state.global_step), "signal": value, "action": "resume"})
-            self._keep(model, optimizer, int(state.global_step))
+            self.keyword_s += float(self.previous.get("keyword_s") or 0.0)
+            self.events.append(self._event(step, value, keyword, "resume"))
+            self._keep(model, optimizer, step)
             return
-        self.start = value
+        self.start, self.start_keyword = value, keyword
         if self.start <= 0:
             print(
                 f"note: safety monitor: the starting signal {self.start:.4g} is not positive; a fall below "
                 f"{self.tolerance} x it cannot be told from a rise, so every check passes"
+                + (" it (the keyword signal still counts)" if self.keyword is not None else "")
             )
-        self.events.append({"step": int(state.global_step), "signal": self.start, "action": "start"})
-        self._keep(model, optimizer, int(state.global_step))
+        if keyword is not None and keyword <= 0:
+            print(
+                "note: safety monitor: the starting keyword refusal rate is 0; it cannot fall, so every check "
+                "passes the keyword signal"
+            )
+        self.events.append(self._event(step, value, keyword, "start"))
+        self._keep(model, optimizer, step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         step = int(state.global_step)
         if step % self.every:
             return control
-        value = self._measure(model)
+        value, keyword = self._values(model)
         assert self.start is not None
-        if self.start > 0 and value < self.tolerance * self.start:
+        below = self._below(value, keyword)
+        if below:
             self._restore(model, optimizer)
             scale_lr(optimizer, lr_scheduler, self.lr_factor)
             lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
             assert self.good is not None
-            self.events.append(
-                {
-                    "step": step,
-                    "signal": value,
-                    "action": f"rollback to step {self.good['step']}, lr x {self.lr_factor}",
-                    "restored_step": self.good["step"],
-                    "lr": lr,
-                }
+            event = self._event(
+                step, value, keyword, f"rollback to step {self.good['step']}, lr x {self.lr_factor}"
             )
+            event.update({"restored_step": self.good["step"], "lr": lr})
+            if self.keyword is not None:
+                event["below"] = below
+            self.events.append(event)
+            what = f"signal {value:.4g} < {self.tolerance} x {self.start:.4g}"
+            if self.keyword is not None:
+                assert self.start_keyword is not None
+                what = f"{' and '.join(below)} below {self.tolerance} x start (projection {value:.4g} of "
+                what += f"{self.start:.4g}, keyword refusal {keyword:.4g} of {self.start_keyword:.4g})"
             print(
-                f"safety monitor: step {step}: signal {value:.4g} < {self.tolerance} x {self.start:.4g}; "
+                f"safety monitor: step {step}: {what}; "
                 f"restored step {self.good['step']}, learning rate x {self.lr_factor}"
             )
         else:
-            self.events.append({"step": step, "signal": value, "action": "ok"})
+            self.events.append(self._event(step, value, keyword, "ok"))
             self._keep(model, optimizer, step)
         return control
 
     def record(self) -> dict[str, Any]:
         train_s = max(time.monotonic() - self.train_started, 1e-9) if self.train_started else 0.0
+        keyword = (
+            {**self.keyword_info, "start_keyword": self.start_keyword, "keyword_s": round(self.keyword_s, 3)}
+            if self.keyword is not None
+            else {}
+        )
         return {
             "every": self.every,
             "tolerance": self.tolerance,
@@ -151,4 +214,5 @@ class SafetyMonitor(TrainerCallback):
             "monitor_s": round(self.monitor_s, 3),
             "train_s": round(train_s, 3),
             "monitor_fraction": round(self.monitor_s / train_s, 4) if train_s else None,
+            **keyword,
         }

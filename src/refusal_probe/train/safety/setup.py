@@ -58,6 +58,24 @@ class _Record(TrainerCallback):
             )
 
 
+def _keyword_signal(config: TrainConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
+    """The monitor's optional keyword-refusal signal (None when --monitor-keyword-prompts is 0) and its record."""
+    if not config.monitor_keyword_prompts:
+        return None, {}
+    from refusal_probe import data
+    from refusal_probe.evaluate.judge import get_judge
+    from refusal_probe.train.safety.keyword_signal import JUDGE, keyword_refusal
+
+    prompts = data.harmful_val()[: config.monitor_keyword_prompts]
+    judge, n_tokens = get_judge(JUDGE), config.monitor_max_new_tokens
+    info = {
+        "keyword_prompts": len(prompts),
+        "keyword_max_new_tokens": n_tokens,
+        "keyword_judge": judge.signature,
+    }
+    return (lambda model: keyword_refusal(model, tok, prompts, judge, n_tokens)), info
+
+
 def attach(
     config: TrainConfig,
     trainer: Any,
@@ -103,6 +121,7 @@ def attach(
         from refusal_probe import data
 
         prompts = data.harmful_val()[: config.monitor_prompts]
+        keyword, keyword_info = _keyword_signal(config, tok)
         monitor = SafetyMonitor(
             lambda model: harmful_projection(model, tok, prompts, direction),
             config.monitor_every,
@@ -110,6 +129,8 @@ def attach(
             config.monitor_lr_factor,
             extra=[ema] if ema is not None else [],
             previous=previous.safety.get("monitor") if previous is not None and resume is not None else None,
+            keyword=keyword,
+            keyword_info=keyword_info,
         )
         trainer.add_callback(monitor)
     if ema is not None:
