@@ -188,6 +188,46 @@ def test_absolute_paths_are_shown_relative(tmp_path, monkeypatch):
     assert str(tmp_path) not in md and str(tmp_path) not in (out / "report.html").read_text()
 
 
+def test_report_command_from_tables_alone(tmp_path, capsys):
+    """`refusal-probe report DIR` on tables and a summary.json (no model anywhere): in place, twice the same bytes;
+    with --out, the figures are copied beside it and the tables are named where they are."""
+    from refusal_probe.cli import main
+    from refusal_probe.core.io import write_json
+
+    folder = tmp_path / "analysis"
+    drift, deltas, beh = synthetic_frames()
+    table = checkpoint_table(drift, deltas, beh, 2)
+    figs = plots.plot_drift_by_layer(drift, folder, summary=SUMMARY)
+    for name, df in (
+        ("checkpoints", table),
+        ("correlations", correlate(table)),
+        ("behaviour", beh),
+        ("drift", drift),
+    ):
+        df.to_csv(folder / f"{name}.csv", index=False)
+    write_json(
+        folder / "summary.json",
+        {**SUMMARY, "format": "refusal-probe/analysis/1", "figures": [f.name for f in figs]},
+    )
+    assert main(["report", str(folder)]) == 0
+    assert "report written to" in capsys.readouterr().out
+    first = {
+        n: (folder / n).read_bytes() for n in ("report.md", "report.html", "figure1_refusal_vs_chrf.svg")
+    }
+    assert main(["report", str(folder)]) == 0
+    assert {n: (folder / n).read_bytes() for n in first} == first  # deterministic
+    text = first["report.md"].decode()
+    assert "`full-lr5e-05` (full, lr 5e-05), 80% -> 40%" in text and "tables beside this report" in text
+    out = tmp_path / "elsewhere"
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "The tables in `../analysis`" in md
+    assert (out / "drift_cos_to_base_by_layer.png").is_file() and (
+        out / "figure2_over_checkpoints.svg"
+    ).is_file()
+    assert "(drift_cos_to_base_by_layer.png)" in md
+
+
 def test_fmt():
     assert fmt(5e-05) == "5e-05" and fmt(0.123456) == "0.1235" and fmt(20) == "20" and fmt(1.0) == "1"
     assert fmt(float("nan")) == "n/a" and fmt(None) == "n/a" and fmt(pd.NA) == "n/a"

@@ -504,6 +504,7 @@ def build_blocks(
     prediction: Mapping | None = None,
     title: str = "refusal-probe analysis",
     top_k: int = 10,
+    tables_at: str | None = None,
 ) -> list[Block]:
     """The report's blocks: findings, figures by section, tables, provenance (folded), with paths scrubbed."""
     from refusal_probe import __version__
@@ -514,8 +515,10 @@ def build_blocks(
     blocks.append(
         (
             "p",
-            f"Written by refusal-probe {__version__}. The tables beside this report (CSV and Parquet) hold every "
-            "number at full precision; this page rounds them. Each figure is beside it as PNG and SVG.",
+            f"Written by refusal-probe {__version__}. The tables "
+            + (f"in `{tables_at}`" if tables_at else "beside this report")
+            + " (CSV and Parquet) hold every number at full precision; this page rounds them. Each figure is "
+            "beside it as PNG and SVG.",
         )
     )
     layers = _refusal_layers(summary, checkpoint_table)
@@ -720,7 +723,11 @@ def write_report(
     behaviour.csv, method_contrast.csv and prediction.json are read from ``inputs_dir`` (default ``out_dir``)
     when they are there. Each file is written atomically."""
     out_dir = Path(out_dir)
-    extra = read_optional_inputs(Path(inputs_dir) if inputs_dir else out_dir)
+    src = Path(inputs_dir) if inputs_dir else out_dir
+    extra = read_optional_inputs(src)
+    tables_at = None
+    if src.resolve() != out_dir.resolve():  # the report is written away from its tables: say where they are
+        tables_at = Path(os.path.relpath(str(src.resolve()), str(out_dir.resolve()))).as_posix()
     others = [f for f in figures if Path(f).stem not in STUDY_FIGURES]
     figures = [*study_figures(out_dir, summary, checkpoint_table, extra["behaviour"]), *others]
     blocks = build_blocks(
@@ -732,6 +739,7 @@ def write_report(
         per_layer=per_layer,
         title=title,
         top_k=top_k,
+        tables_at=tables_at,
         **extra,
     )
     md = write_text(out_dir / "report.md", to_markdown(blocks))
