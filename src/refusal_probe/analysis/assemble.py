@@ -205,6 +205,7 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
         "behaviour": str(beh_path) if beh_path else None,
         "signatures": signatures(beh),
         "elapsed_s": round(elapsed, 1),
+        "versions": report.versions(),  # of the program that measured (the report adds its own)
         "tables": [p.name for p in written],
     }
     summary["how"].update(prompts=per_prompt.HOW, prediction=predict.HOW)

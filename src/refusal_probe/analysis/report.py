@@ -352,7 +352,8 @@ def _contrast(contrast: pd.DataFrame | None) -> list[Block]:
     return [("h", 3, "method_contrast.csv"), _table(contrast)]
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Installed versions of the packages the numbers depend on."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -432,7 +433,7 @@ def _provenance(summary: Mapping, out_dir: Path) -> list[Block]:
         blocks.append(("p", "Recorded by the run that measured:"))
         blocks.append(("ul", _kv_items(recorded)))
     blocks.append(("p", "Of the program that wrote this report:"))
-    blocks.append(("ul", _kv_items(_versions() or {"refusal-probe": __version__})))
+    blocks.append(("ul", _kv_items(versions() or {"refusal-probe": __version__})))
     blocks.append(("h", 3, "Commands"))
     cmds = []
     if isinstance(tree, Mapping) and tree.get("spec"):
