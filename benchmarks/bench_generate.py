@@ -43,6 +43,37 @@ def synthetic_judge(texts: list[str], rate: float, within: int = 24):
     return KeywordJudge("synthetic", (best,), normalized=False, empty_is_refusal=False)
 
 
+class ForwardLog:
+    """Times every forward of the model (HF generate's and our loop's alike): decode steps (one new token per
+    row) apart from prefills, with the rows each carried, to say where a mode's time goes."""
+
+    def __init__(self, model):
+        self.calls: list[tuple[int, int, float]] = []  # (rows, new tokens per row, seconds)
+        self._t = 0.0
+        model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        model.register_forward_hook(self._post, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        self._t = time.perf_counter()
+
+    def _post(self, module, args, kwargs, out):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.calls.append((int(ids.shape[0]), int(ids.shape[1]), time.perf_counter() - self._t))
+
+    def take(self) -> dict:
+        calls, self.calls = self.calls, []
+        decode = [c for c in calls if c[1] == 1]
+        prefill = [c for c in calls if c[1] > 1]
+        return {
+            "decode_steps": len(decode),
+            "decode_s": round(sum(c[2] for c in decode), 2),
+            "decode_row_steps": sum(c[0] for c in decode),
+            "s_per_step": round(sum(c[2] for c in decode) / max(1, len(decode)), 4),
+            "prefills": len(prefill),
+            "prefill_s": round(sum(c[2] for c in prefill), 2),
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -93,17 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, prompts[: min(2, len(prompts))], max_new_tokens=4, batch_size=2, progress=False
     )
 
+    log = ForwardLog(model)
     full_times, early_times, full, early = [], [], None, None
+    profile: dict[str, dict] = {}
     judge = get_judge(args.judge)
     for r in range(args.repeats):
         t = time.perf_counter()
         full = generate_detailed(model, tok, prompts, **gen)
         full_times.append(time.perf_counter() - t)
+        profile["full"] = log.take()
         if r == 0 and args.model == "tiny":
             judge = synthetic_judge([g.text for g in full], args.synthetic_rate)
         t = time.perf_counter()
         early = generate_detailed(model, tok, prompts, stop=judge.has_keyword, **gen)
         early_times.append(time.perf_counter() - t)
+        profile["early"] = log.take()
 
     v_full = [judge.is_refusal(g.text) for g in full]
     v_early = [judge.is_refusal(g.text) for g in early]
@@ -124,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "stopped_early": len(stopped),
         "stop_token_median": statistics.median(stopped) if stopped else None,
         "stop_token_max": max(stopped) if stopped else None,
+        "forwards_last_repeat": profile,
+        "tokens_per_prompt_early": [g.n_tokens for g in early],
+        "finish_early": "".join(g.finish[0] for g in early),
         "device": args.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

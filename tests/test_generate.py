@@ -143,3 +143,52 @@ def test_runtime_error_out_of_memory_and_single_prompt(llama):
         generate(model, tok, PROMPTS[:2], max_new_tokens=3, batch_size=2, progress=False)
     assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_early_exit_past_the_cache_headroom_equals_hf_generate(tiny_qwen):
+    """Longer than one buffer of the growing cache layers (re-buffered mid-answer), with rows of unequal prompt
+    lengths (left padding) leaving and refilled: the tokens of every row that never stopped are HF generate's."""
+    from refusal_probe.core.generate import HEADROOM
+
+    model, tok = _load(tiny_qwen)
+    n = HEADROOM + 10
+    prompts = [*PROMPTS, "Hi", "Tell me a story about a cat"]
+    full = generate_detailed(model, tok, prompts, max_new_tokens=n, batch_size=3, progress=False)
+    loop = generate_detailed(
+        model, tok, prompts, max_new_tokens=n, batch_size=3, stop=lambda t: False, progress=False
+    )
+    assert loop == full
+    judge = _judge_with_keyword_in_some([g.text for g in full])
+    early = generate_detailed(
+        model, tok, prompts, max_new_tokens=n, batch_size=3, stop=judge.has_keyword, progress=False
+    )
+    stopped = [e.finish == "stop" for e in early]
+    assert any(stopped) and not all(stopped)
+    for e, f in zip(early, full, strict=True):
+        if e.finish != "stop":
+            assert e == f and e.n_tokens > HEADROOM
+
+
+def test_refill_when_every_row_in_flight_is_a_long_answer(llama):
+    """A free row is refilled at once when all rows in flight are past SETTLED tokens (long answers that will
+    hold their rows), but waits for a quarter of the batch while a young row may still stop soon."""
+    from refusal_probe.core.generate import SETTLED, _EarlyExit
+
+    model, tok = llama
+
+    class _Bar:
+        def update(self, n):
+            pass
+
+    run = _EarlyExit(model, tok, [[1]] * 12, list(range(12)), 8, 0, {2}, lambda t: False, 8, _Bar())
+    run.pending.clear()
+    run.pending.extend([8, 9])
+    run.rows = list(range(7))  # one row free, a quarter of 8 would be two
+    run.tokens = {i: [5] * SETTLED for i in run.rows}
+    assert run._should_admit(1)
+    run.tokens[3] = [5] * (SETTLED - 1)
+    assert not run._should_admit(1)
+    run.rows = run.rows[:6]
+    assert run._should_admit(2)
+    run.pending.clear()
+    assert not run._should_admit(2)

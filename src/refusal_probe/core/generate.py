@@ -21,6 +21,7 @@ does not fit raises.
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import torch
 from refusal_probe.core.batching import left_pad, model_device
 from refusal_probe.core.errors import UserError
 from refusal_probe.core.template import format_prompts
+
+SETTLED = 16  # tokens after which a row that has not stopped is taken as a long answer (refusals: <= 14)
 
 
 @dataclass(frozen=True)
@@ -149,9 +152,7 @@ class _EarlyExit:
         while self.pending or self.rows:
             free = self.capacity - len(self.rows)
             try:
-                if self.pending and (
-                    not self.rows or (self.refillable and free >= max(1, self.capacity // 4))
-                ):
+                if self._should_admit(free):
                     self._admit(min(free, len(self.pending)))
                 elif self.rows:
                     self._step()
@@ -160,6 +161,20 @@ class _EarlyExit:
                     raise
                 self._back_off()
         return self.results
+
+    def _should_admit(self, free: int) -> bool:
+        """Refill when a quarter of the batch is free, or any row is free and every row in flight is past
+        ``SETTLED`` tokens: such rows are long answers that will not free their slot soon, so waiting for a
+        bigger refill would only start the next prompts (and their own long answers) later."""
+        if not self.pending:
+            return False
+        if not self.rows:
+            return True
+        if not self.refillable or free < 1:
+            return False
+        if free >= max(1, self.capacity // 4):
+            return True
+        return all(len(self.tokens[i]) >= SETTLED for i in self.rows)
 
     def _back_off(self) -> None:
         """Out of memory: the rows in flight start again later, with half the batch."""
@@ -189,14 +204,24 @@ class _EarlyExit:
         )
         return out.logits[:, -1].argmax(-1), out.past_key_values
 
-    def _admit(self, k: int) -> None:
+    def _new_cache(self):
+        """HF's DynamicCache for the model, its plain layers swapped for growing ones (same numbers, no
+        whole-cache copy per step); sliding-window and other layer kinds are left as they are."""
         from transformers import DynamicCache
 
+        cache = DynamicCache(config=self.model.config)
+        layers = getattr(cache, "layers", None)
+        if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers):
+            grow = _growing_layer_class()
+            cache.layers = [grow() for _ in layers]
+        return cache
+
+    def _admit(self, k: int) -> None:
         new = [self.pending.popleft() for _ in range(k)]
         self.admitting = new
         ids, mask = (t.to(self.device) for t in left_pad([self.seqs[i] for i in new], self.pad_id))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        next_tok, cache = self._forward(ids, mask, positions, DynamicCache(config=self.model.config), True)
+        next_tok, cache = self._forward(ids, mask, positions, self._new_cache(), True)
         for i in new:
             self.tokens[i] = []
         keep = self._process(new, next_tok)
@@ -216,7 +241,8 @@ class _EarlyExit:
                 next_tok,
             )
             self.refillable = all(
-                type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [])
+                type(layer).__name__ in ("DynamicLayer", "GrowingLayer")
+                for layer in getattr(cache, "layers", [])
             )
             self.admitting = []
             self._trim()
@@ -289,6 +315,49 @@ class _EarlyExit:
         toks = self.tokens.pop(i)
         self.results[i] = Generation(_decode(self.tokenizer, toks), len(toks), finish)
         self.bar.update(1)
+
+
+@functools.cache
+def _growing_layer_class():
+    """A DynamicLayer that appends in place into a buffer with room for ``HEADROOM`` more tokens, instead of
+    ``torch.cat`` copying the whole cache of every layer at every decode step (HF's DynamicLayer). Keys/values are
+    views of the buffer; when our loop replaces them (rows leave, refill, trim) the next update re-buffers once."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        _layer_type = None  # not registered in HF's layer-type mapping
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._view: torch.Tensor | None = None
+            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, values = self.keys, self.values
+            old = keys.shape[-2] if keys is not None and keys.dim() == 4 else 0
+            end = old + key_states.shape[-2]
+            bufs = self._buffers
+            if bufs is None or self.keys is not self._view or end > bufs[0].shape[-2]:
+                shape = (*key_states.shape[:-2], end + HEADROOM, key_states.shape[-1])
+                bufs = (key_states.new_empty(shape), value_states.new_empty(shape))
+                if old:
+                    bufs[0][..., :old, :] = keys
+                    bufs[1][..., :old, :] = values
+                self._buffers = bufs
+            bufs[0][..., old:end, :] = key_states
+            bufs[1][..., old:end, :] = value_states
+            self.keys, self.values = bufs[0][..., :end, :], bufs[1][..., :end, :]
+            self._view = self.keys
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+HEADROOM = (
+    64  # tokens of room a re-buffered cache layer gets (one copy per 64 decode steps instead of every step)
+)
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
