@@ -133,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         full = generate_detailed(model, tok, prompts, **gen)
         full_times.append(time.perf_counter() - t)
         profile["full"] = log.take()
+        print(f"full: {full_times[-1]:.1f} s {profile['full']}", file=sys.stderr, flush=True)
         if r == 0 and args.model == "tiny":
             judge = synthetic_judge([g.text for g in full], args.synthetic_rate)
         t = time.perf_counter()
         early = generate_detailed(model, tok, prompts, stop=judge.has_keyword, **gen)
         early_times.append(time.perf_counter() - t)
         profile["early"] = log.take()
+        print(f"early: {early_times[-1]:.1f} s {profile['early']}", file=sys.stderr, flush=True)
 
     v_full = [judge.is_refusal(g.text) for g in full]
     v_early = [judge.is_refusal(g.text) for g in early]
