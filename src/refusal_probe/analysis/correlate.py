@@ -35,6 +35,10 @@ DEFAULT_X = (
     "mean_cos_to_base",
     "delta_fro_total",
     "delta_along_refusal_total",
+    "score_harmful_at_rl",
+    "necessity_base_at_rl",
+    "necessity_own_at_rl",
+    "sufficiency_base_at_rl",
 )
 DEFAULT_Y = ("refusal_rate", "chrf")
 MIN_POINTS = 3
