@@ -8,8 +8,8 @@ import pytest
 from test_plots import SUMMARY, assert_figure, synthetic_frames
 
 from refusal_probe.analysis import plots
-from refusal_probe.analysis.findings import wilson
 from refusal_probe.analysis.tables import checkpoint_table
+from refusal_probe.analysis.uncertainty import wilson
 
 RUNS = (
     ("full-lr1e-04", "full", 1e-4, 0.6),

@@ -18,11 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+from refusal_probe.analysis.predict import GOALS
+from refusal_probe.analysis.uncertainty import Z95, newcombe_diff, rate_interval, wilson
+from refusal_probe.probe.causal import (
+    DERIVED as CAUSAL_METRICS,  # necessity_base, necessity_own, sufficiency_base
+)
+
 LUMP = ("lora", "qlora")  # adapter methods compared with full fine-tuning
-CAUSAL_METRICS = ("necessity_base", "necessity_own", "sufficiency_base")
 PREDICTION_KEYS = re.compile(r"(mae|spearman|auroc|rmse|coverage)", re.IGNORECASE)
-PREDICTION_TARGETS = {"mae": ("<=", 0.05), "auroc": (">=", 0.9)}
+PREDICTION_TARGETS = {"mae": ("<=", GOALS["mae"]), "auroc": (">=", GOALS["auroc"])}  # predict.py's goals
 
 
 @dataclass(frozen=True)
@@ -36,27 +40,7 @@ class Finding:
     items: tuple[str, ...] = field(default_factory=tuple)
 
 
-# ----------------------------------------------------------------------------------------------- intervals
-
-
-def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes of n (NaN, NaN for n < 1)."""
-    if n < 1 or not math.isfinite(k):
-        return (math.nan, math.nan)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def newcombe_diff(k1: float, n1: int, k2: float, n2: int, z: float = Z95) -> tuple[float, float]:
-    """Newcombe's hybrid score interval (his method 10) for p2 - p1, from the two Wilson intervals."""
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson(k1, n1, z)
-    l2, u2 = wilson(k2, n2, z)
-    d = p2 - p1
-    return (d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2))
+# ----------------------------------------------------------------------------------------------- prompt count
 
 
 def prompt_count(signature: str | None) -> int | None:
@@ -302,7 +286,7 @@ def _end_state(r: Mapping, n: int | None) -> str:
     bits = []
     if _finite(r.get("refusal_rate")):
         rate = float(r["refusal_rate"])
-        ci = f" {_interval(*wilson(round(rate * n), n), 100)}" if n else ""
+        ci = f" {_interval(*rate_interval(rate, n), 100)}" if n else ""
         bits.append(f"refusal {pct(rate)}{ci}")
     for col, name in (("cos_to_base_at_rl", "cosine to the base direction"), ("delta_fro_total", "||dW||_F")):
         if _finite(r.get(col)):

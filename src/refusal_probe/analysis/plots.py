@@ -629,10 +629,10 @@ def _wilson_err(rate: pd.Series, n: int | None) -> np.ndarray | None:
     """Asymmetric error bars (2 x len) of Wilson 95% intervals for refusal rates judged on n prompts."""
     if not n:
         return None
-    from refusal_probe.analysis.findings import wilson
+    from refusal_probe.analysis.uncertainty import rate_interval
 
     r = pd.to_numeric(rate, errors="coerce").to_numpy(dtype=float)
-    ci = np.array([wilson(round(v * n), n) if np.isfinite(v) else (np.nan, np.nan) for v in r]).reshape(-1, 2)
+    ci = np.array([rate_interval(v, n) for v in r]).reshape(-1, 2)
     return np.vstack([r - ci[:, 0], ci[:, 1] - r])
 
 

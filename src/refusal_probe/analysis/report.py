@@ -30,6 +30,7 @@ from refusal_probe.analysis import findings as fnd
 from refusal_probe.analysis.correlate import CORRELATIONS_HOW, best_layer, strongest
 from refusal_probe.analysis.paths import path_scrubber
 from refusal_probe.analysis.tables import COLUMN_DOCS, summary_bases
+from refusal_probe.analysis.uncertainty import rate_interval
 from refusal_probe.core.io import write_text
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -305,9 +306,7 @@ def _labels(table: pd.DataFrame | None, n: int | None) -> list[Block]:
     keys = [c for c in ("run", "checkpoint", "step") if c in table.columns]
     t = table.loc[:, [*keys, "refusal_rate", *labels, *extra]].copy()
     if n:
-        ci = [
-            fnd.wilson(round(float(r) * n), n) if pd.notna(r) else (np.nan, np.nan) for r in t["refusal_rate"]
-        ]
+        ci = [rate_interval(r, n) for r in pd.to_numeric(t["refusal_rate"], errors="coerce")]
         t.insert(len(keys) + 1, "refusal_ci_low", [c[0] for c in ci])
         t.insert(len(keys) + 2, "refusal_ci_high", [c[1] for c in ci])
     blocks.append(

@@ -6,10 +6,14 @@ as in ``correlate.dedupe_base`` it counts once per distinct base: a base row is 
 one run that shares it was drawn. A resample is a weight per row (how many copies of that row it holds), so the
 statistics are computed for all resamples at once as weighted Pearson / Spearman, with numpy, which equals the same
 statistic over the materialised copies.
+
+Refusal rates are binomial: ``wilson`` gives a rate's interval from the n prompts it was judged on, ``newcombe_diff``
+the interval of a change between two rates (the report's findings, Figures 1 and 2 and its label table use these).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +22,7 @@ N_BOOT = 2000  # run resamples per interval
 SEED = 0
 LEVEL = 0.95
 MIN_POINTS = 3  # as correlate.MIN_POINTS: fewer points (with copies) give no correlation
+Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
 MIN_POINTS_PARTIAL = 4  # a partial correlation spends one more degree of freedom
 CI_COLUMNS = (
     "pearson_ci_low",
@@ -257,3 +262,32 @@ def within_run(
             lo, hi = np.percentile(vals, q)
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(lo), float(hi)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- refusal rates
+
+
+def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes of n (NaN, NaN for n < 1)."""
+    if n < 1 or not math.isfinite(k):
+        return (math.nan, math.nan)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate_interval(rate: float, n: int) -> tuple[float, float]:
+    """Wilson 95% interval of a refusal rate judged on n prompts (its count is round(rate * n)); NaN for NaN."""
+    rate = float(rate)
+    return wilson(round(rate * n), n) if math.isfinite(rate) else (math.nan, math.nan)
+
+
+def newcombe_diff(k1: float, n1: int, k2: float, n2: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (his method 10) for p2 - p1, from the two Wilson intervals."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson(k1, n1, z)
+    l2, u2 = wilson(k2, n2, z)
+    d = p2 - p1
+    return (d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2))
