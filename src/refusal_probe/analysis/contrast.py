@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from refusal_probe.analysis.tables import final_checkpoints
 from refusal_probe.core.errors import UserError
 
 FULL = "full"
@@ -258,15 +259,9 @@ def _update_profile(
 # ----------------------------------------------------------------------------------------------- pairing
 
 
-def _final_rows(p: pd.DataFrame) -> pd.DataFrame:
-    trained = p[p["step"] != 0]
-    last = trained.groupby("run")["step"].transform("max")
-    return trained[trained["step"] == last]
-
-
 def matched_lr_pairs(p: pd.DataFrame) -> list[tuple[int, int]]:
     """(method row, full row) index pairs: each non-full run's final checkpoint vs the full run's at the same lr."""
-    final = _final_rows(p)
+    final = final_checkpoints(p)
     full = final[final["method"] == FULL]
     pairs = []
     others = final[final["method"].notna() & (final["method"] != FULL)]

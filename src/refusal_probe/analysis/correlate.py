@@ -27,6 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from refusal_probe.analysis import uncertainty
+from refusal_probe.analysis.tables import final_checkpoints
 from refusal_probe.core.errors import UserError, require
 
 DEFAULT_X = (
@@ -219,29 +220,6 @@ def pair_rows(
             name = _group_name(scope, group)
             rows.append({"x": x, "y": y, "group": name, **s, **ci, "control": "", "scope": scope})
     return rows
-
-
-def final_checkpoints(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: its last checkpoint (largest fraction, then step; a stepless "final" counts as the end),
-    never the base. Runs with only a base are left out."""
-    if not len(table) or "run" not in table.columns:
-        return table.iloc[:0]
-    step = pd.to_numeric(table["step"], errors="coerce") if "step" in table.columns else None
-    frac = pd.to_numeric(table["fraction"], errors="coerce") if "fraction" in table.columns else None
-    key = pd.DataFrame(index=table.index)
-    key["frac"] = frac if frac is not None else np.nan
-    if "checkpoint" in table.columns:
-        key.loc[key["frac"].isna() & (table["checkpoint"] == "final"), "frac"] = 1.0
-    key["step"] = step if step is not None else np.nan
-    base = step.eq(0) if step is not None else pd.Series(False, index=table.index)
-    if "checkpoint" in table.columns:
-        base |= table["checkpoint"].eq("base")
-    key = key[~base].fillna(-np.inf)
-    if not len(key):
-        return table.iloc[:0]
-    key["run"] = table.loc[key.index, "run"].astype(str)
-    last = key.sort_values(["run", "frac", "step"], kind="mergesort").groupby("run").tail(1).index
-    return table.loc[sorted(last)]
 
 
 def _group_source(table: pd.DataFrame, group: str) -> pd.DataFrame:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from refusal_probe.analysis.predict import GOALS
+from refusal_probe.analysis.tables import final_checkpoints
 from refusal_probe.analysis.uncertainty import Z95, newcombe_diff, rate_interval, wilson
 from refusal_probe.probe.causal import (
     DERIVED as CAUSAL_METRICS,  # necessity_base, necessity_own, sufficiency_base
@@ -97,6 +98,11 @@ def _run_label(run: str, method: Any, lr: Any) -> str:
     return f"`{run}`" + (f" ({', '.join(bits)})" if bits else "")
 
 
+def _step(r: Mapping) -> int | str:
+    """A checkpoint's step as the findings name it: the number, or the checkpoint's name when it has none."""
+    return int(float(r["step"])) if _finite(r.get("step")) else str(r.get("checkpoint", "final"))
+
+
 def _finite(v: Any) -> bool:
     try:
         return math.isfinite(float(v))
@@ -114,11 +120,10 @@ def run_changes(table: pd.DataFrame, n: int | None) -> pd.DataFrame:
     change_lo, change_hi, base_chrf, final_chrf, verdict ("lost" / "gained" when the change's interval excludes 0,
     "kept" when it does not, "unknown" without n)."""
     rows = []
+    finals = final_checkpoints(table)
     for run, g in table.groupby("run", sort=True):
-        g = g.sort_values("step")
-        steps = pd.to_numeric(g["step"], errors="coerce")
-        base, final = g[steps == 0], g[steps == steps.max()]
-        if not len(base) or not len(final) or steps.max() == 0:
+        base, final = g[pd.to_numeric(g["step"], errors="coerce") == 0], finals[finals["run"] == run]
+        if not len(base) or not len(final):
             continue
         b, f = base.iloc[0], final.iloc[-1]
         rb, rf = float(b.get("refusal_rate", np.nan)), float(f.get("refusal_rate", np.nan))
@@ -126,7 +131,7 @@ def run_changes(table: pd.DataFrame, n: int | None) -> pd.DataFrame:
             "run": run,
             "method": f.get("method"),
             "lr": f.get("lr"),
-            "step": int(f["step"]),
+            "step": _step(f),
             "base_refusal": rb,
             "final_refusal": rf,
             "change": rf - rb,
@@ -276,12 +281,6 @@ def strongest_correlate(corr: pd.DataFrame | None, y: str = "refusal_rate") -> F
 # ----------------------------------------------------------------------------------------------- LoRA vs full
 
 
-def _final_rows(table: pd.DataFrame) -> pd.DataFrame:
-    steps = pd.to_numeric(table["step"], errors="coerce")
-    last = steps.groupby(table["run"]).transform("max")
-    return table[(steps == last) & (steps > 0)]
-
-
 def _end_state(r: Mapping, n: int | None) -> str:
     bits = []
     if _finite(r.get("refusal_rate")):
@@ -301,7 +300,7 @@ def lora_vs_full(table: pd.DataFrame | None, contrast: pd.DataFrame | None, n: i
     title = "LoRA vs full fine-tuning"
     if table is None or not len(table) or "method" not in table.columns:
         return Finding("contrast", title, "Not available: no checkpoint table with methods.", False)
-    final = _final_rows(table)
+    final = final_checkpoints(table)
     methods = set(final["method"].dropna())
     if "full" not in methods or not methods & set(LUMP):
         return Finding(
@@ -438,7 +437,7 @@ def causal(table: pd.DataFrame | None) -> Finding:
     steps = pd.to_numeric(table["step"], errors="coerce")
     base = table[steps == 0]
     items = []
-    for r in _final_rows(table).sort_values("run").to_dict("records"):
+    for r in final_checkpoints(table).sort_values("run").to_dict("records"):
         b = base[base["run"] == r["run"]]
         bits = []
         for c in cols:
@@ -447,8 +446,7 @@ def causal(table: pd.DataFrame | None) -> Finding:
                 bits.append(f"{c[: -len('_at_rl')]} {num(r[c])}{at_base}")
         if bits:
             items.append(
-                f"{_run_label(r['run'], r.get('method'), r.get('lr'))} at step {int(r['step'])}: "
-                + ", ".join(bits)
+                f"{_run_label(r['run'], r.get('method'), r.get('lr'))} at step {_step(r)}: " + ", ".join(bits)
             )
     text = (
         "Refusal-score change (log-odds) at the refusal layer, last checkpoint against the base: necessity = score drop "

@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from refusal_probe.analysis.paths import path_scrubber
-from refusal_probe.analysis.tables import refusal_layer_by_run, summary_bases
+from refusal_probe.analysis.tables import final_rows, refusal_layer_by_run, summary_bases
 from refusal_probe.core.errors import require
 from refusal_probe.core.io import atomic_write
 
@@ -298,12 +298,6 @@ def _layer_norms(deltas: pd.DataFrame) -> pd.DataFrame:
     return out.merge(meta, on=keys, how="left")
 
 
-def _final(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of each run's last checkpoint (largest step)."""
-    last = df.groupby("run")["step"].transform("max")
-    return df[df["step"] == last]
-
-
 # ----------------------------------------------------------------------------------------------- figures
 
 
@@ -516,10 +510,10 @@ def plot_method_comparison(
         return []
     runs, note = _matched_runs(drift)
     styles = _run_styles(drift[drift["run"].isin(runs)])
-    cos = _final(drift[(drift["metric"] == "cos_to_base") & drift["run"].isin(runs)])
+    cos = final_rows(drift[(drift["metric"] == "cos_to_base") & drift["run"].isin(runs)])
     norms = _layer_norms(deltas) if deltas is not None and len(deltas) else None
     if norms is not None:
-        norms = _final(norms[(norms["kind"] == "all modules") & norms["run"].isin(runs)])
+        norms = final_rows(norms[(norms["kind"] == "all modules") & norms["run"].isin(runs)])
     beh = behaviour[behaviour["run"].isin(runs)] if behaviour is not None and len(behaviour) else None
     panels = ["cos"] + (["delta"] if norms is not None and len(norms) else [])
     if beh is not None:

@@ -140,6 +140,39 @@ def with_checkpoint(df: pd.DataFrame | None) -> pd.DataFrame | None:
     return df.assign(checkpoint=[name(s) for s in df["step"]])
 
 
+def final_checkpoints(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: its last checkpoint (largest fraction, then step; a stepless "final" counts as the end),
+    never the base. Runs with only a base are left out."""
+    if not len(table) or "run" not in table.columns:
+        return table.iloc[:0]
+    step = pd.to_numeric(table["step"], errors="coerce") if "step" in table.columns else None
+    frac = pd.to_numeric(table["fraction"], errors="coerce") if "fraction" in table.columns else None
+    key = pd.DataFrame(index=table.index)
+    key["frac"] = frac if frac is not None else np.nan
+    if "checkpoint" in table.columns:
+        key.loc[key["frac"].isna() & (table["checkpoint"] == "final"), "frac"] = 1.0
+    key["step"] = step if step is not None else np.nan
+    base = step.eq(0) if step is not None else pd.Series(False, index=table.index)
+    if "checkpoint" in table.columns:
+        base |= table["checkpoint"].eq("base")
+    key = key[~base].fillna(-np.inf)
+    if not len(key):
+        return table.iloc[:0]
+    key["run"] = table.loc[key.index, "run"].astype(str)
+    last = key.sort_values(["run", "frac", "step"], kind="mergesort").groupby("run").tail(1).index
+    return table.loc[sorted(last)]
+
+
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Every row of each run's last checkpoint as ``final_checkpoints`` chooses it: for a tidy table (many rows per
+    checkpoint, named by run and checkpoint or step) all of that checkpoint's rows."""
+    keys = [c for c in ("run", "checkpoint", "step") if c in df.columns]
+    if not len(df) or "run" not in keys:
+        return df.iloc[:0]
+    last = final_checkpoints(df.drop_duplicates(keys)).loc[:, keys]
+    return df[pd.MultiIndex.from_frame(df[keys]).isin(pd.MultiIndex.from_frame(last))]
+
+
 def refusal_layer_by_run(summary: Mapping | None, runs: Iterable[str]) -> dict[str, int | None]:
     """The chosen refusal layer of each run's base, read from the analysis summary (None where it does not say).
 
