@@ -11,6 +11,7 @@ from typing import Any
 
 from refusal_probe.analysis.behaviour import signatures
 from refusal_probe.analysis.readings import HOW as READINGS_HOW
+from refusal_probe.analysis.tables import checkpoint_meta
 
 # every table analyze may write; one not written by this run is stale
 TABLES = (
@@ -64,14 +65,7 @@ def ref_name(key: tuple[str | None, str]) -> str:
 
 
 def tag(c, rows: list[dict]) -> list[dict]:
-    meta = {
-        "run": c.run,
-        "checkpoint": c.name,
-        "method": c.method,
-        "lr": c.lr,
-        "step": 0 if c.kind == "base" else c.step,
-        "fraction": c.fraction,
-    }
+    meta = checkpoint_meta(c)
     return [{**meta, "module": r.get("module", ""), **r} for r in rows]
 
 

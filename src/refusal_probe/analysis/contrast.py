@@ -24,8 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from refusal_probe.analysis.tables import final_checkpoints
-from refusal_probe.core.errors import UserError
+from refusal_probe.analysis.tables import final_checkpoints, require_columns
 
 FULL = "full"
 TOP_K = 3
@@ -152,9 +151,7 @@ def _keys(*frames: pd.DataFrame | None) -> list[str]:
 
 
 def _need(df: pd.DataFrame, what: str, cols: Sequence[str]) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise UserError(f"{what} table lacks column(s) {', '.join(missing)}; re-run `refusal-probe analyze`")
+    require_columns(df, what, cols, "re-run `refusal-probe analyze`")
 
 
 def profiles(

@@ -176,19 +176,14 @@ def prompt_table(tree, refs, entries, ref_key) -> Any:
     refusal_score, method, lr, step, fraction}; empty when no checkpoint has per-prompt rows."""
     import pandas as pd
 
+    from refusal_probe.analysis.tables import checkpoint_meta
+
     rows: list[dict] = []
     for c in tree:
         block = refs[ref_key(c)].prompts if c.kind == "base" else entries.get(c.key, {}).get("prompts")
         if not isinstance(block, dict):
             continue
-        meta = {
-            "run": c.run,
-            "checkpoint": c.name,
-            "method": c.method,
-            "lr": c.lr,
-            "step": 0 if c.kind == "base" else c.step,
-            "fraction": 0.0 if c.kind == "base" else c.fraction,
-        }
+        meta = checkpoint_meta(c)
         rows += [{**meta, **r} for r in block.get("rows", [])]
     return pd.DataFrame(rows)
 

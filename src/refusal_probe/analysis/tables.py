@@ -108,10 +108,14 @@ def _frames(*frames: pd.DataFrame | None) -> list[pd.DataFrame]:
     return [f for f in frames if f is not None and len(f)]
 
 
-def _require_columns(df: pd.DataFrame, what: str, cols: Iterable[str]) -> None:
+def require_columns(df: pd.DataFrame, what: str, cols: Iterable[str], fix: str | None = None) -> None:
+    """One-line UserError naming the ``what`` table's missing columns and ``fix`` (default: the expected ones)."""
+    cols = tuple(cols)
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise UserError(f"{what} table lacks column(s) {', '.join(missing)}; expected {', '.join(cols)}")
+        raise UserError(
+            f"{what} table lacks column(s) {', '.join(missing)}; {fix or 'expected ' + ', '.join(cols)}"
+        )
 
 
 def _layer_for_runs(runs: Iterable[str], refusal_layer: int | Mapping[str, int] | None) -> dict[str, float]:
@@ -124,6 +128,18 @@ def _layer_for_runs(runs: Iterable[str], refusal_layer: int | Mapping[str, int] 
 
 def _per_checkpoint(s: pd.DataFrame, name: str) -> pd.DataFrame:
     return s.rename(columns={"value": name})[[*JOIN_KEYS, name]]
+
+
+def checkpoint_meta(c) -> dict:
+    """The ``CHECKPOINT_KEYS`` of a tree's checkpoint ``c``, as every tidy row of it carries them (base: step 0)."""
+    return {
+        "run": c.run,
+        "checkpoint": c.name,
+        "method": c.method,
+        "lr": c.lr,
+        "step": 0 if c.kind == "base" else c.step,
+        "fraction": c.fraction,
+    }
 
 
 def with_checkpoint(df: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -228,9 +244,9 @@ def checkpoint_table(
     require(bool(present), "nothing to tabulate: the drift, deltas and behaviour tables are all empty")
     for what, df in (("drift", drift), ("deltas", deltas)):
         if df is not None and len(df):
-            _require_columns(df, what, (*CHECKPOINT_KEYS, "layer", "metric", "value"))
+            require_columns(df, what, (*CHECKPOINT_KEYS, "layer", "metric", "value"))
     if behaviour is not None and len(behaviour):
-        _require_columns(behaviour, "behaviour", (*CHECKPOINT_KEYS, "metric", "value"))
+        require_columns(behaviour, "behaviour", (*CHECKPOINT_KEYS, "metric", "value"))
 
     ids = pd.concat([f.loc[:, list(CHECKPOINT_KEYS)] for f in present], ignore_index=True)
     ids["method"] = ids["method"].astype(object).where(ids["method"].notna(), None)
@@ -258,12 +274,10 @@ def checkpoint_table(
                     f"{int(np.nanmin(have))}..{int(np.nanmax(have))}; pass a layer that was probed"
                 )
         at_rl = d[d["layer"] == d["run"].map(layers)]
-        causal = [m for m in CAUSAL_METRICS if m in set(at_rl["metric"])]  # with analyze's causal drift
-        for metric in ("cos_to_base", "proj_gap", *causal):
-            rows = at_rl[at_rl["metric"] == metric].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
-            table = table.merge(_per_checkpoint(rows.reset_index(), f"{metric}_at_rl"), how="left")
-        noise = [m for m in NOISE_METRICS if m in set(at_rl["metric"])]  # probe/noise.py, when measured
-        for metric in noise:
+        # causal drift (probe/causal.py) and noise floors (probe/noise.py) when analyze measured them
+        measured = set(at_rl["metric"])
+        extra = [m for m in (*CAUSAL_METRICS, *NOISE_METRICS) if m in measured]
+        for metric in ("cos_to_base", "proj_gap", *extra):
             rows = at_rl[at_rl["metric"] == metric].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
             table = table.merge(_per_checkpoint(rows.reset_index(), f"{metric}_at_rl"), how="left")
         cos = d[d["metric"] == "cos_to_base"].groupby(list(JOIN_KEYS), dropna=False)["value"].mean()
