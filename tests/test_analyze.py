@@ -95,6 +95,17 @@ def test_outputs_exist_and_checkpoints_untouched(tree, analysed):
     assert _tree_digest(tree) == before  # nothing under the tree but analysis/ was written
 
 
+def test_report_command_writes_the_report_analyze_wrote(analysed, tmp_path):
+    """`refusal-probe report` on a copy of the analysis folder (no cache, no model) writes the same report.md."""
+    import shutil
+
+    out, _ = analysed
+    copy = tmp_path / "analysis"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("cache", "report.*"))
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_text(encoding="utf-8") == (out / "report.md").read_text(encoding="utf-8")
+
+
 def test_tidy_columns_and_base_is_checkpoint_zero(analysed):
     out, _ = analysed
     drift = pd.read_csv(out / "drift.csv")

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from refusal_probe.analysis.readings import COLUMN as READING
 from refusal_probe.core.errors import UserError
 
 SUMMARY_FORMAT = "refusal-probe/analysis/"
@@ -87,6 +88,10 @@ def regenerate(target: str | Path, out: str | Path | None = None) -> Path:
         raise UserError(
             f"{folder / 'checkpoints.csv'}: lacks columns {', '.join(missing)}; re-run `refusal-probe analyze`"
         )
+    if (
+        READING in table.columns
+    ):  # an empty reading is read back as NaN: the same text as analyze's own report
+        table[READING] = table[READING].fillna("")
     corr = _table(folder, "correlations")
     drift = _table(folder, "drift")
     beh = _table(folder, "behaviour")
@@ -96,9 +101,8 @@ def regenerate(target: str | Path, out: str | Path | None = None) -> Path:
     prepare_output(dest)
     per_layer = None
     layer_table = _table(folder, "per_layer_correlations")
-    pooled = getattr(correlate, "pooled_layers", None)  # the pooled cos_to_base rows of that table
-    if layer_table is not None and len(layer_table) and pooled is not None:
-        per_layer = pooled(layer_table)
+    if layer_table is not None and len(layer_table):  # its pooled cos_to_base rows, as analyze reports them
+        per_layer = correlate.pooled_layers(layer_table)
     elif drift is not None and beh is not None and "cos_to_base" in set(drift["metric"]):
         per_layer = correlate.per_layer_correlation(drift, beh)
     with output_lock(dest, "analyze or report"):

@@ -32,6 +32,7 @@ from refusal_probe.analysis.paths import path_scrubber
 from refusal_probe.analysis.tables import COLUMN_DOCS, summary_bases
 from refusal_probe.analysis.uncertainty import rate_interval
 from refusal_probe.core.io import write_text
+from refusal_probe.evaluate.judge import LABELS as JUDGE_LABELS
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 FIGURE_DOCS: dict[str, tuple[str, str]] = {
@@ -120,7 +121,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("LoRA vs full fine-tuning", ("lora_vs_full", "method_comparison"), "the tree lacks full or LoRA runs"),
 )
 STUDY_FIGURES = ("figure1_refusal_vs_chrf", "figure2_over_checkpoints")  # drawn by the report itself
-LABELS = ("label_refusal", "label_echo", "label_degenerate", "label_comply")
+LABELS = tuple(f"label_{lab}" for lab in JUDGE_LABELS)  # the judge's labels, in its order
 
 Block = tuple
 # ----------------------------------------------------------------------------------------------- formatting
@@ -302,7 +303,7 @@ def _labels(table: pd.DataFrame | None, n: int | None) -> list[Block]:
         return [*blocks, ("p", "Not available: no behaviour measurements (run `refusal-probe eval`).")]
     labels = [c for c in LABELS if c in table.columns]
     labels += sorted(c for c in table.columns if c.startswith("label_") and c not in labels)
-    extra = [c for c in ("chrf", "xstest_refusal_rate", "over_refusal_rate") if c in table.columns]
+    extra = [c for c in ("chrf", "xstest_refusal_rate") if c in table.columns]
     keys = [c for c in ("run", "checkpoint", "step") if c in table.columns]
     t = table.loc[:, [*keys, "refusal_rate", *labels, *extra]].copy()
     if n:
@@ -348,7 +349,16 @@ def _checkpoints(table: pd.DataFrame | None) -> list[Block]:
 def _contrast(contrast: pd.DataFrame | None) -> list[Block]:
     if contrast is None or not len(contrast):
         return [("p", "`method_contrast.csv` is not present: the per-layer contrast table is not available.")]
-    return [("h", 3, "method_contrast.csv"), _table(contrast)]
+    from refusal_probe.analysis.contrast import CONTRAST_DOCS
+
+    defs = [f"{k}: {v}" for k, v in CONTRAST_DOCS.items()]
+    return [
+        ("h", 3, "method_contrast.csv"),
+        _table(contrast),
+        ("details", "How each column was computed"),
+        ("ul", defs),
+        ("enddetails",),
+    ]
 
 
 def versions() -> dict[str, str]:
