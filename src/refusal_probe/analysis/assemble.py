@@ -28,9 +28,9 @@ TABLES = (
 )
 HOW = {
     "layer": "residual stream entering decoder block l (resid_pre)",
-    "method_contrast": "each LoRA/QLoRA/DPO checkpoint beside full fine-tuning at the same lr (final checkpoints) "
-    "and at the nearest chrF: drift depth, update size and concentration, along-refusal fraction vs chance "
-    "1/sqrt(d_model) (column meanings: analysis/contrast.py CONTRAST_DOCS)",
+    "method_contrast": "each LoRA/QLoRA/DPO checkpoint beside full fine-tuning at the same lr (final checkpoints), "
+    "at the nearest chrF and at the nearest update size ||dW||_F: drift depth, update size and concentration, "
+    "along-refusal fraction vs chance 1/sqrt(d_model) (column meanings: analysis/contrast.py CONTRAST_DOCS)",
     "positions": "post-instruction tokens of the model's own chat template (negative offsets)",
     "direction": "difference of means, harmful - harmless, float64",
     "cos_to_base": "cosine of checkpoint's direction with the base's at the same layer and chosen position",
@@ -202,7 +202,7 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
         "versions": report.versions(),  # of the program that measured (the report adds its own)
         "tables": [p.name for p in written],
     }
-    summary["how"].update(prompts=per_prompt.HOW, prediction=predict.HOW)
+    summary["how"].update(prompts=per_prompt.HOW, prediction=predict.HOW, predictions=predict.ROWS_HOW)
     kw: dict[str, Any] = dict(summary=summary, refusal_layer=layers)
     figures = plots.plot_drift_by_layer(drift, out, "cos_to_base", **kw)
     figures += plots.plot_drift_by_layer(drift, out, "proj_gap", **kw)

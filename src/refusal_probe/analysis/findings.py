@@ -74,6 +74,8 @@ def pct(p: float) -> str:
 
 
 def num(v: Any, digits: int = 3) -> str:
+    if v is None:  # prediction.json writes NaN as null
+        return "n/a"
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -321,7 +323,7 @@ def lora_vs_full(table: pd.DataFrame | None, contrast: pd.DataFrame | None, n: i
     if not items:
         text = "No learning rate is shared by full fine-tuning and a LoRA/QLoRA run, so there is no matched pair."
     else:
-        text = f"At {len(items)} matched learning rate(s), each method's last checkpoint:"
+        text = f"At {len(items)} matched learning rate(s), each method's last checkpoint is listed below."
     if contrast is not None and len(contrast):
         text += f" The full contrast (`method_contrast.csv`, {len(contrast)} rows) is tabulated below."
         if {"pairing", "pair", "role"} <= set(contrast.columns):

@@ -330,6 +330,12 @@ HOW = (
     "prompt, no fit: pooled over every checkpoint's prompts and per checkpoint where both verdicts occur."
 )
 
+ROWS_HOW = (
+    "predictions.csv: one row per held-out prediction: scheme (LORO or LOMO), held_out (the run or method left out), "
+    "model, observed and predicted refusal_rate of the checkpoint, low/high its split-conformal interval (see "
+    "prediction)"
+)
+
 
 def predict_all(
     table: pd.DataFrame, prompts: pd.DataFrame | None = None, alpha: float = ALPHA
@@ -406,6 +412,8 @@ def where_it_fails(report: dict[str, Any]) -> str:
     aur = report["auroc"].get("refusal_score")
     if not aur:
         parts.append("no per-prompt data, so the per-prompt AUROC and the prompt models are not measured")
+    elif not math.isfinite(aur["pooled"]):
+        parts.append("per-prompt AUROC not defined: every prompt got the same verdict")
     else:
         parts.append(f"per-prompt AUROC of the refusal score {aur['pooled']:.3f} pooled")
     return f"{name}: " + "; ".join(parts) + "."

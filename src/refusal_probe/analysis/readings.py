@@ -33,7 +33,7 @@ NEEDS = (
     "sufficiency_base_at_rl",
 )
 HOW = (
-    f"{COLUMN}, per checkpoint against its run's base at the refusal layer (heuristic, no interval): rotated = "
+    "per checkpoint against its run's base at the refusal layer (heuristic, no interval): rotated = "
     f"cos_to_base < {COS_KEPT} and necessity_own >= {KEPT} x base necessity; shrank = cos >= {COS_KEPT} and "
     f"proj_gap < {KEPT} x base gap; stopped reading = cos and gap kept but necessity_base or sufficiency_base "
     f"< {KEPT} x the base's; kept = all four kept; mixed = moved and own direction not necessary; empty where a "
