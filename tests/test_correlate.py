@@ -422,7 +422,9 @@ def test_committed_cpu_small_groups_have_sane_n():
     assert cos.loc["within_run:all", ["n", "n_runs"]].tolist() == [40, 8]
     assert cos.loc["across_runs:all", ["n", "n_runs"]].tolist() == [8, 8]
     assert not any(g.startswith("across_runs:") and g != "across_runs:all" for g in cos.index)  # 2 runs < 3
-    ci = res.dropna(subset=["spearman_ci_low"])  # NaN where too few points or runs (partial rows of lora, qlora)
+    ci = res.dropna(
+        subset=["spearman_ci_low"]
+    )  # NaN where too few points or runs (partial rows of lora, qlora)
     assert len(ci) > 20 and (ci["spearman_ci_low"] <= ci["spearman_ci_high"]).all()
     # refusal falls as the direction turns: positive across runs, with an interval above 0
     assert cos.loc["across_runs:all", "spearman_ci_low"] > 0
