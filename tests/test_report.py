@@ -171,6 +171,9 @@ def test_absolute_paths_are_shown_relative(tmp_path, monkeypatch):
     assert scrub("/var/cache/rp/directions/abc123/direction.pt") == "<cache>/directions/abc123/direction.pt"
     assert scrub(str(Path.home() / "models" / "x")) == "~/models/x"
     assert scrub("base=/opt/models/qwen, n=3") == "base=.../models/qwen, n=3"
+    # the analysis folder inside the tree reads relative to the tree; outside it, as <analysis>
+    assert scrub(f"{root}/analysis/cache/base/m-1") == "analysis/cache/base/m-1"
+    assert path_scrubber(summary, tmp_path / "out")(f"{tmp_path}/out/cache/x") == "<analysis>/cache/x"
     # not paths: ratios, flags, URLs, formulae
     for text in (
         "step / last step",

@@ -22,9 +22,13 @@ def path_scrubber(summary: Mapping | None, out_dir: Path | None = None) -> Calla
     raw_tree = (summary or {}).get("tree")
     tree: Mapping = raw_tree if isinstance(raw_tree, Mapping) else {}
     prefixes: list[tuple[str, str]] = []
+    root = Path(tree["root"]).resolve() if tree.get("root") else None
+    # the analysis folder gets its own label only outside the tree: inside, a path reads the same (relative to the
+    # tree) whether the report is written there or elsewhere (`report --out`)
+    outside = out_dir is not None and (root is None or not Path(out_dir).resolve().is_relative_to(root))
     for raw, label in (
         (tree.get("root"), ""),
-        (str(out_dir) if out_dir else None, "<analysis>"),
+        (str(out_dir) if outside else None, "<analysis>"),
         (str(cache_root()), "<cache>"),
         (str(Path.home()), "~"),
     ):
