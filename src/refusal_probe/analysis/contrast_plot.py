@@ -125,6 +125,21 @@ def _causal_bars(ax, lr_pairs: pd.DataFrame, cols: list[str]) -> None:
     ax.legend(fontsize=6.5, loc="best")
 
 
+def _method_points(ax, pts: pd.DataFrame, x, y) -> None:
+    """One point per checkpoint at (x(g), y(g)), coloured by method (one legend entry per method)."""
+    for method, g in pts.groupby(pts["method"].fillna("unknown"), sort=True):
+        ax.scatter(
+            x(g),
+            y(g),
+            s=22,
+            color=plots.METHOD_COLORS.get(method, plots.UNKNOWN_COLOR),
+            label=method,
+            edgecolor="white",
+            linewidth=0.5,
+            zorder=3,
+        )
+
+
 def _size_pairs(ax, contrast: pd.DataFrame) -> None:
     """Drift at the refusal layer against total update size; matched-update pairs within 2x joined by a grey line."""
 
@@ -133,17 +148,7 @@ def _size_pairs(ax, contrast: pd.DataFrame) -> None:
 
     pts = contrast.drop_duplicates(["run", "step"])
     pts = pts[pd.to_numeric(pts["delta_fro_total"], errors="coerce") > 0]
-    for method, g in pts.groupby(pts["method"].fillna("unknown"), sort=True):
-        ax.scatter(
-            g["delta_fro_total"],
-            drift(g),
-            s=22,
-            color=plots.METHOD_COLORS.get(method, plots.UNKNOWN_COLOR),
-            label=method,
-            edgecolor="white",
-            linewidth=0.5,
-            zorder=3,
-        )
+    _method_points(ax, pts, lambda g: g["delta_fro_total"], drift)
     pairs = contrast[contrast["pairing"] == "matched_update"]
     if "update_ratio" in pairs:
         ratio = pairs["update_ratio"].astype(float)
@@ -163,17 +168,7 @@ def _size_pairs(ax, contrast: pd.DataFrame) -> None:
 def _behaviour_pairs(ax, contrast: pd.DataFrame) -> None:
     """Refusal against chrF per checkpoint; each matched-chrF pair joined by a grey line."""
     pts = contrast.drop_duplicates(["run", "step"])
-    for method, g in pts.groupby(pts["method"].fillna("unknown"), sort=True):
-        ax.scatter(
-            g["chrf"],
-            g["refusal_rate"],
-            s=22,
-            color=plots.METHOD_COLORS.get(method, plots.UNKNOWN_COLOR),
-            label=method,
-            edgecolor="white",
-            linewidth=0.5,
-            zorder=3,
-        )
+    _method_points(ax, pts, lambda g: g["chrf"], lambda g: g["refusal_rate"])
     chrf_pairs = contrast[contrast["pairing"] == "matched_chrf"]
     for _, g in chrf_pairs.groupby("pair", sort=True):
         ax.plot(g["chrf"], g["refusal_rate"], color="0.6", linewidth=0.7, zorder=1)
