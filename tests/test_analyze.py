@@ -13,6 +13,7 @@ import torch
 from refusal_probe.cli import main
 from refusal_probe.models.manifest import RunManifest
 from refusal_probe.models.source import load_model
+from refusal_probe.testing.tiny import noisy_full_run
 
 ARGS = ["--n-prompts", "12", "--n-val", "6", "--batch-size", "6", "--no-progress"]
 
@@ -38,24 +39,7 @@ def tree(tmp_path_factory, tiny_llama) -> Path:
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("analyze") / "ckpt"
-    full = root / "full-lr1e-04"
-    torch.manual_seed(1)
-    model, tok = load_model(tiny_llama)
-    for step in (2, 4):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        model.save_pretrained(full / f"checkpoint-{step}")
-        tok.save_pretrained(full / f"checkpoint-{step}")
-    RunManifest(
-        run="full-lr1e-04",
-        method="full",
-        base_model=str(tiny_llama),
-        learning_rate=1e-4,
-        total_steps=4,
-        checkpoints={2: 0.5, 4: 1.0},
-        complete=True,
-    ).save(full)
+    noisy_full_run(tiny_llama, root / "full-lr1e-04", steps=(2, 4), scale=0.02, seed=1)
 
     lora = root / "lora-lr1e-04"
     base, _ = load_model(tiny_llama)

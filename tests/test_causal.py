@@ -191,27 +191,10 @@ def test_a_zero_direction_costs_nothing_and_is_nan(tiny_llama):
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory, tiny_llama):
     from refusal_probe.cli import main
-    from refusal_probe.models.manifest import RunManifest
-    from refusal_probe.models.source import load_model
+    from refusal_probe.testing.tiny import noisy_full_run
 
     root = tmp_path_factory.mktemp("causal") / "ckpt"
-    run = root / "full-lr1e-04"
-    torch.manual_seed(3)
-    model, tok = load_model(tiny_llama)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.save_pretrained(run / "checkpoint-2")
-    tok.save_pretrained(run / "checkpoint-2")
-    RunManifest(
-        run=run.name,
-        method="full",
-        base_model=str(tiny_llama),
-        learning_rate=1e-4,
-        total_steps=2,
-        checkpoints={2: 1.0},
-        complete=True,
-    ).save(run)
+    noisy_full_run(tiny_llama, root / "full-lr1e-04", steps=(2,), scale=0.02, seed=3)
     args = ["--n-prompts", "8", "--n-val", "4", "--batch-size", "4", "--no-progress", "--no-separability"]
     assert main(["analyze", str(root), *args, "--no-deltas", "--causal-layers", "all"]) == 0
     return root / "analysis"

@@ -175,17 +175,10 @@ def analysis(tmp_path_factory, tiny_llama) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from refusal_probe.models.source import load_model
+    from refusal_probe.testing.tiny import noisy_full_run
 
     root = tmp_path_factory.mktemp("browser") / "ckpt"
-    full = root / "full-lr1e-04"
-    torch.manual_seed(3)
-    model, tok = load_model(tiny_llama)
-    for step in (2, 4):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        model.save_pretrained(full / f"checkpoint-{step}")
-        tok.save_pretrained(full / f"checkpoint-{step}")
+    noisy_full_run(tiny_llama, root / "full-lr1e-04", steps=(2, 4), scale=0.02, seed=3)
     lora = root / "lora-lr1e-04"
     base, _ = load_model(tiny_llama)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
@@ -194,19 +187,15 @@ def analysis(tmp_path_factory, tiny_llama) -> Path:
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     peft_model.save_pretrained(lora / "checkpoint-4")
-    for run, method, folder, marks in (
-        ("full-lr1e-04", "full", full, {2: 0.5, 4: 1.0}),
-        ("lora-lr1e-04", "lora", lora, {4: 1.0}),
-    ):
-        RunManifest(
-            run=run,
-            method=method,
-            base_model=str(tiny_llama),
-            learning_rate=1e-4,
-            total_steps=4,
-            checkpoints=marks,
-            complete=True,
-        ).save(folder)
+    RunManifest(
+        run="lora-lr1e-04",
+        method="lora",
+        base_model=str(tiny_llama),
+        learning_rate=1e-4,
+        total_steps=4,
+        checkpoints={4: 1.0},
+        complete=True,
+    ).save(lora)
     sig = "judge=keywords|n=49|data=advbench,n=20,greedy"
     rows = ["run,checkpoint,method,lr,step,fraction,metric,value,signature"]
     for run, method, ck, step, frac, refusal, chrf in (

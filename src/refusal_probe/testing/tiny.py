@@ -102,3 +102,31 @@ def make_tiny_model(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def noisy_full_run(
+    base: str | Path, run_dir: Path, steps: tuple[int, ...] = (2, 4), scale: float = 0.02, seed: int = 1
+) -> Path:
+    """A full fine-tuning run (lr 1e-4) as `train` leaves one: ``checkpoint-<step>`` folders, each the one before
+    plus ``scale`` x N(0, 1) noise (seeded) on every weight, and run.json with fraction step / last step."""
+    from refusal_probe.models.manifest import RunManifest
+    from refusal_probe.models.source import load_model
+
+    torch.manual_seed(seed)
+    model, tok = load_model(base)
+    for step in steps:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn_like(p))
+        model.save_pretrained(run_dir / f"checkpoint-{step}")
+        tok.save_pretrained(run_dir / f"checkpoint-{step}")
+    RunManifest(
+        run=run_dir.name,
+        method="full",
+        base_model=str(base),
+        learning_rate=1e-4,
+        total_steps=max(steps),
+        checkpoints={s: s / max(steps) for s in steps},
+        complete=True,
+    ).save(run_dir)
+    return run_dir
