@@ -197,9 +197,8 @@ def write_from_tables(folder: str | Path, d_model: int | None = None) -> list[Pa
     missing = [p.name for p in need if not p.is_file()]
     if missing:
         raise UserError(f"{folder}: no {', '.join(missing)}; run `refusal-probe analyze` first")
-    ck, drift = (pd.read_csv(p) for p in need)
-    wd = folder / "weight_deltas.csv"
-    deltas = pd.read_csv(wd) if wd.is_file() else None
+    ck, drift = (tables.read_table(folder, n, required=True) for n in ("checkpoints", "drift"))
+    deltas = tables.read_table(folder, "weight_deltas")
     table = method_contrast(ck, drift, deltas, d_model)
     if not len(table):
         return []

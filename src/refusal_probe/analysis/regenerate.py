@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_probe.analysis.readings import COLUMN as READING
+from refusal_probe.analysis.tables import read_table
 from refusal_probe.core.errors import UserError
 
 SUMMARY_FORMAT = "refusal-probe/analysis/"
@@ -52,23 +53,6 @@ def read_summary(folder: Path) -> dict[str, Any]:
     return summary
 
 
-def _table(folder: Path, name: str, required: bool = False):
-    import pandas as pd
-
-    path = folder / f"{name}.csv"
-    if not path.is_file():
-        if required:
-            raise UserError(
-                f"{path}: not found; the analysis folder is incomplete, re-run `refusal-probe analyze`"
-            )
-        return None
-    try:
-        return pd.read_csv(path, dtype={"run": str, "checkpoint": str, "method": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: cannot read the table ({reason}); re-run `refusal-probe analyze`") from None
-
-
 def _copy(src: Path, dst: Path) -> Path:
     from refusal_probe.core.io import atomic_write
 
@@ -82,7 +66,7 @@ def regenerate(target: str | Path, out: str | Path | None = None) -> Path:
 
     folder = analysis_folder(target)
     summary = read_summary(folder)
-    table = _table(folder, "checkpoints", required=True)
+    table = read_table(folder, "checkpoints", required=True)
     missing = [c for c in ("run", "step") if c not in table.columns]
     if missing:
         raise UserError(
@@ -92,15 +76,15 @@ def regenerate(target: str | Path, out: str | Path | None = None) -> Path:
         READING in table.columns
     ):  # an empty reading is read back as NaN: the same text as analyze's own report
         table[READING] = table[READING].fillna("")
-    corr = _table(folder, "correlations")
-    drift = _table(folder, "drift")
-    beh = _table(folder, "behaviour")
+    corr = read_table(folder, "correlations")
+    drift = read_table(folder, "drift")
+    beh = read_table(folder, "behaviour")
     dest = Path(out).expanduser() if out else folder
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--out {dest}: is a file; pass --out DIR with a folder")
     prepare_output(dest)
     per_layer = None
-    layer_table = _table(folder, "per_layer_correlations")
+    layer_table = read_table(folder, "per_layer_correlations")
     if layer_table is not None and len(layer_table):  # its pooled cos_to_base rows, as analyze reports them
         per_layer = correlate.pooled_layers(layer_table)
     elif drift is not None and beh is not None and "cos_to_base" in set(drift["metric"]):

@@ -29,7 +29,7 @@ import pandas as pd
 from refusal_probe.analysis import findings as fnd
 from refusal_probe.analysis.correlate import CORRELATIONS_HOW, best_layer, strongest
 from refusal_probe.analysis.paths import path_scrubber
-from refusal_probe.analysis.tables import COLUMN_DOCS, summary_bases
+from refusal_probe.analysis.tables import COLUMN_DOCS, read_table, summary_bases
 from refusal_probe.analysis.uncertainty import rate_interval
 from refusal_probe.core.io import write_text
 from refusal_probe.evaluate.judge import LABELS as JUDGE_LABELS
@@ -688,10 +688,9 @@ def read_optional_inputs(out_dir: Path) -> dict[str, Any]:
     """behaviour, contrast and prediction from an analysis folder, each None when its file is absent."""
     from refusal_probe.core.io import read_json
 
-    got: dict[str, Any] = {"behaviour": None, "contrast": None, "prediction": None}
-    for key, name in (("behaviour", "behaviour.csv"), ("contrast", "method_contrast.csv")):
-        if (out_dir / name).is_file():
-            got[key] = pd.read_csv(out_dir / name)
+    got: dict[str, Any] = {"behaviour": read_table(out_dir, "behaviour")}
+    got["contrast"] = read_table(out_dir, "method_contrast")
+    got["prediction"] = None
     if (out_dir / "prediction.json").is_file():
         got["prediction"] = read_json(out_dir / "prediction.json")
     return got

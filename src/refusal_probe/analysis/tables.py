@@ -84,6 +84,23 @@ def canonical_order(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def read_table(folder: str | Path, name: str, required: bool = False) -> pd.DataFrame | None:
+    """``<name>.csv`` of an analysis folder as analyze wrote it (run, checkpoint and method read as text); None when
+    absent, unless ``required``. A missing required or unreadable table is a one-line UserError."""
+    path = Path(folder) / f"{name}.csv"
+    if not path.is_file():
+        if required:
+            raise UserError(
+                f"{path}: not found; the analysis folder is incomplete, re-run `refusal-probe analyze`"
+            )
+        return None
+    try:
+        return pd.read_csv(path, dtype={"run": str, "checkpoint": str, "method": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot read the table ({reason}); re-run `refusal-probe analyze`") from None
+
+
 def _integral(s: pd.Series) -> bool:
     if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
         return False
