@@ -72,10 +72,9 @@ def regenerate(target: str | Path, out: str | Path | None = None) -> Path:
         raise UserError(
             f"{folder / 'checkpoints.csv'}: lacks columns {', '.join(missing)}; re-run `refusal-probe analyze`"
         )
-    if (
-        READING in table.columns
-    ):  # an empty reading is read back as NaN: the same text as analyze's own report
-        table[READING] = table[READING].fillna("")
+    if READING in table.columns:  # an empty reading is read back as NaN: empty again, as in analyze's report
+        reading = table[READING].astype(object)
+        table[READING] = reading.where(reading.notna(), "")
     corr = read_table(folder, "correlations")
     drift = read_table(folder, "drift")
     beh = read_table(folder, "behaviour")

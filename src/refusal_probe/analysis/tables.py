@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -82,6 +83,14 @@ def canonical_order(df: pd.DataFrame) -> pd.DataFrame:
     if keys:
         out = out.sort_values(keys, kind="mergesort", na_position="last")
     return out.reset_index(drop=True)
+
+
+@overload
+def read_table(folder: str | Path, name: str, required: Literal[True]) -> pd.DataFrame: ...
+
+
+@overload
+def read_table(folder: str | Path, name: str, required: bool = False) -> pd.DataFrame | None: ...
 
 
 def read_table(folder: str | Path, name: str, required: bool = False) -> pd.DataFrame | None:
