@@ -291,6 +291,13 @@ def _correlations(corr: pd.DataFrame | None, per_layer: pd.DataFrame | None, k: 
                     f"Spearman rho = {fmt(best['spearman_rho'])} (n = {int(best['n'])} checkpoints).",
                 )
             )
+        else:
+            blocks.append(
+                (
+                    "p",
+                    "No layer has a defined correlation: fewer than 3 checkpoints, or refusal rate or drift constant over them.",
+                )
+            )
         allg = per_layer[per_layer["group"] == "all"]
         cols = [c for c in ("layer", "chosen", *order[3:]) if c in allg.columns]
         blocks.append(_table(allg.loc[:, cols], ("spearman_p", "pearson_p")))
@@ -555,8 +562,9 @@ def build_blocks(
             )
         if not have:
             blocks.append(("p", f"Not available: {missing}."))
-        for stem in have:
-            blocks += _figure_blocks(stem, files[stem], heading=len(have) > 1)
+        for stem in have:  # a figure's own heading only where it does not repeat the section's
+            title = FIGURE_DOCS.get(stem, ("",))[0]
+            blocks += _figure_blocks(stem, files[stem], heading=len(have) > 1 and title != section)
             shown.add(stem)
         if section == "LoRA vs full fine-tuning":
             blocks += _contrast(contrast)
