@@ -91,7 +91,8 @@ def test_refusal_loss_by_hand():
     assert finding.text.startswith("1 of 2 runs lost refusal beyond sampling noise")
     assert "`full-a` (full, lr 0.0001), 75% -> 0% (-75 points" in finding.text
     assert f"95% interval {100 * lo:+.0f} to {100 * hi:+.0f}" in finding.text
-    assert "+/-17 points" in finding.text  # 1.96 * 0.5 / sqrt(32) = 0.173
+    # Wilson at 16/32 by hand: z * sqrt(0.25/32 + z^2/4096) / (1 + z^2/32) = 0.1637
+    assert "+/-16 points" in finding.text
     assert finding.items[0].startswith(
         "`full-a` (full, lr 0.0001): refusal 75% [58%, 87%] at the base -> 0% [0%, 11%]"
     )

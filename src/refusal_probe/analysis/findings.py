@@ -20,7 +20,7 @@ import pandas as pd
 
 from refusal_probe.analysis.predict import GOALS
 from refusal_probe.analysis.tables import final_checkpoints
-from refusal_probe.analysis.uncertainty import Z95, newcombe_diff, rate_interval, wilson
+from refusal_probe.analysis.uncertainty import newcombe_diff, rate_interval, wilson
 from refusal_probe.probe.causal import (
     DERIVED as CAUSAL_METRICS,  # necessity_base, necessity_own, sufficiency_base
 )
@@ -205,8 +205,8 @@ def refusal_loss(table: pd.DataFrame | None, n: int | None) -> Finding:
             f"({100 * worst['change']:+.0f} points, 95% interval {100 * worst['change_lo']:+.0f} to "
             f"{100 * worst['change_hi']:+.0f})."
         )
-    half = 1 / math.sqrt(n) * Z95 * 0.5 * 100
-    text += f" With n = {n}, one rate near 50% is known to about +/-{half:.0f} points."
+    lo, hi = wilson(n / 2, n)  # the widest Wilson interval of n prompts, the one the items above use
+    text += f" With n = {n}, one rate near 50% is known to about +/-{50 * (hi - lo):.0f} points."
     return Finding("refusal_loss", title, text, True, items)
 
 
