@@ -27,6 +27,7 @@ import pandas as pd
 from refusal_probe.analysis.tables import final_checkpoints, require_columns
 
 FULL = "full"
+ADAPTERS = ("lora", "qlora")  # the adapter methods the findings and figures set beside full fine-tuning
 TOP_K = 3
 # Module kinds of Llama-style blocks, in block order; other module names keep their last path component.
 MODULE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")

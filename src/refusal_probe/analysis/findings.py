@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from refusal_probe.analysis.contrast import ADAPTERS, headline
 from refusal_probe.analysis.predict import GOALS
 from refusal_probe.analysis.tables import final_checkpoints
 from refusal_probe.analysis.uncertainty import newcombe_diff, rate_interval, wilson
@@ -25,7 +26,7 @@ from refusal_probe.probe.causal import (
     DERIVED as CAUSAL_METRICS,  # necessity_base, necessity_own, sufficiency_base
 )
 
-LUMP = ("lora", "qlora")  # adapter methods compared with full fine-tuning
+LUMP = ADAPTERS  # adapter methods compared with full fine-tuning (contrast.py)
 PREDICTION_KEYS = re.compile(r"(mae|spearman|auroc|rmse|coverage)", re.IGNORECASE)
 PREDICTION_TARGETS = {"mae": ("<=", GOALS["mae"]), "auroc": (">=", GOALS["auroc"])}  # predict.py's goals
 
@@ -327,8 +328,6 @@ def lora_vs_full(table: pd.DataFrame | None, contrast: pd.DataFrame | None, n: i
     if contrast is not None and len(contrast):
         text += f" The full contrast (`method_contrast.csv`, {len(contrast)} rows) is tabulated below."
         if {"pairing", "pair", "role"} <= set(contrast.columns):
-            from refusal_probe.analysis.contrast import headline
-
             try:
                 items += [f"method_contrast.csv, {line}" for line in headline(contrast)]
             except (

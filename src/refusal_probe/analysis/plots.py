@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from refusal_probe.analysis.contrast import ADAPTERS
 from refusal_probe.analysis.paths import path_scrubber
 from refusal_probe.analysis.tables import final_rows, refusal_layer_by_run, summary_bases
 from refusal_probe.core.errors import require
@@ -474,7 +475,7 @@ def _matched_runs(drift: pd.DataFrame) -> tuple[list[str], str]:
     """Runs to compare: those at learning rates shared by full and (Q)LoRA runs, else all runs."""
     meta = _run_meta(drift)
     full = {lr for m, lr in meta.values() if m == "full" and np.isfinite(lr)}
-    lora = {lr for m, lr in meta.values() if m in ("lora", "qlora") and np.isfinite(lr)}
+    lora = {lr for m, lr in meta.values() if m in ADAPTERS and np.isfinite(lr)}
     shared = full & lora
     if shared:
         runs = [r for r, (_, lr) in meta.items() if lr in shared]
@@ -506,7 +507,7 @@ def plot_method_comparison(
     if drift is None or not len(drift):
         return []
     methods = set(drift["method"].dropna())
-    if "full" not in methods or not methods & {"lora", "qlora"}:
+    if "full" not in methods or not methods & set(ADAPTERS):
         return []
     runs, note = _matched_runs(drift)
     styles = _run_styles(drift[drift["run"].isin(runs)])
