@@ -10,6 +10,9 @@ Two modes:
   over the model's forward and a DynamicCache: finished rows leave the batch and the KV cache
   (``batch_select_indices``) and waiting prompts are prefilled and merged into the freed rows (continuous
   batching), so no step is spent on finished rows, which HF ``generate`` with a stopping criterion still computes.
+  A freed row is refilled at once when every row in flight is a long answer (past ``SETTLED`` tokens): the
+  number of decode steps is set by when the last long answers start, so no prompt waits behind them. Cache
+  layers append in place into a buffer with headroom (HF's DynamicLayer copies the whole cache every step).
   On CPU a decode step costs about the same at batch 4 and 16 (reading the weights dominates): shrinking the batch
   alone saves little, refilling it is what saves time. For a ``stop`` that is monotone (true for a prefix => true
   for every continuation) the verdicts equal those of full-length generation, and the text of every sequence that
