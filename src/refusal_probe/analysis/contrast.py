@@ -257,6 +257,15 @@ def _update_profile(
 # ----------------------------------------------------------------------------------------------- pairing
 
 
+def _lr(value) -> float:
+    """A learning rate as a float; NaN when the checkpoint recorded none (a lone adapter), which matches nothing."""
+    return float("nan") if value is None or pd.isna(value) else float(value)
+
+
+def _lrs(rows: pd.DataFrame) -> np.ndarray:
+    return pd.to_numeric(rows["lr"], errors="coerce").to_numpy(dtype=float)
+
+
 def matched_lr_pairs(p: pd.DataFrame) -> list[tuple[int, int]]:
     """(method row, full row) index pairs: each non-full run's final checkpoint vs the full run's at the same lr."""
     final = final_checkpoints(p)
@@ -264,7 +273,7 @@ def matched_lr_pairs(p: pd.DataFrame) -> list[tuple[int, int]]:
     pairs = []
     others = final[final["method"].notna() & (final["method"] != FULL)]
     for i, row in others.sort_values(["lr", "run"]).iterrows():
-        partner = full[np.isclose(full["lr"].astype(float), float(row["lr"]), rtol=1e-9, atol=0.0)]
+        partner = full[np.isclose(_lrs(full), _lr(row["lr"]), rtol=1e-9, atol=0.0)]
         if len(partner):
             pairs.append((i, partner.sort_values("run").index[0]))
     return pairs
@@ -287,7 +296,7 @@ def nearest_full_pairs(p: pd.DataFrame, column: str, log: bool = False) -> list[
     others = trained[trained["method"].notna() & (trained["method"] != FULL)]
     for i, row in others.sort_values(["run", "step"]).iterrows():
         gap = (value[full.index] - value[i]).abs()
-        other_lr = ~np.isclose(full["lr"].astype(float), float(row["lr"]), rtol=1e-9, atol=0.0)
+        other_lr = ~np.isclose(_lrs(full), _lr(row["lr"]), rtol=1e-9, atol=0.0)
         order = pd.DataFrame({"gap": gap, "other_lr": other_lr, "step": full["step"], "run": full["run"]})
         pairs.append((i, order.sort_values(["gap", "other_lr", "step", "run"], kind="mergesort").index[0]))
     return pairs
