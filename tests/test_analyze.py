@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from refusal_probe.cli import main
-from refusal_probe.models.manifest import RunManifest
 from refusal_probe.models.source import load_model
-from refusal_probe.testing.tiny import noisy_full_run
+from refusal_probe.testing.tiny import noisy_full_run, noisy_lora_run
 
 ARGS = ["--n-prompts", "12", "--n-val", "6", "--batch-size", "6", "--no-progress"]
 
@@ -36,30 +35,11 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory, tiny_llama) -> Path:
-    from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("analyze") / "ckpt"
     noisy_full_run(tiny_llama, root / "full-lr1e-04", steps=(2, 4), scale=0.02, seed=1)
 
-    lora = root / "lora-lr1e-04"
-    base, _ = load_model(tiny_llama)
-    peft_model = get_peft_model(
-        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-    )
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(lora / "checkpoint-4")
-    RunManifest(
-        run="lora-lr1e-04",
-        method="lora",
-        base_model=str(tiny_llama),
-        learning_rate=1e-4,
-        total_steps=4,
-        checkpoints={4: 1.0},
-        complete=True,
-    ).save(lora)
+    noisy_lora_run(tiny_llama, root / "lora-lr1e-04", ["q_proj", "v_proj", "o_proj", "down_proj"])
     return root
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from refusal_probe.cli import main
-from refusal_probe.models.manifest import RunManifest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -171,31 +170,11 @@ def open_page(page: Path, profile: Path) -> dict:
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory, tiny_llama) -> Path:
     """analyze on a tiny tree (two full checkpoints, one LoRA adapter) with a hand-written behaviour table."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from refusal_probe.models.source import load_model
-    from refusal_probe.testing.tiny import noisy_full_run
+    from refusal_probe.testing.tiny import noisy_full_run, noisy_lora_run
 
     root = tmp_path_factory.mktemp("browser") / "ckpt"
     noisy_full_run(tiny_llama, root / "full-lr1e-04", steps=(2, 4), scale=0.02, seed=3)
-    lora = root / "lora-lr1e-04"
-    base, _ = load_model(tiny_llama)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(lora / "checkpoint-4")
-    RunManifest(
-        run="lora-lr1e-04",
-        method="lora",
-        base_model=str(tiny_llama),
-        learning_rate=1e-4,
-        total_steps=4,
-        checkpoints={4: 1.0},
-        complete=True,
-    ).save(lora)
+    noisy_lora_run(tiny_llama, root / "lora-lr1e-04", ["q_proj", "o_proj"])
     sig = "judge=keywords|n=49|data=advbench,n=20,greedy"
     rows = ["run,checkpoint,method,lr,step,fraction,metric,value,signature"]
     for run, method, ck, step, frac, refusal, chrf in (

@@ -130,3 +130,32 @@ def noisy_full_run(
         complete=True,
     ).save(run_dir)
     return run_dir
+
+
+def noisy_lora_run(
+    base: str | Path, run_dir: Path, targets: list[str], step: int = 4, scale: float = 0.05
+) -> Path:
+    """A LoRA run (r 4, lr 1e-4) with one complete ``checkpoint-<step>``: B drawn from ``scale`` x N(0, 1) with the
+    global torch generator (so a caller's earlier seeding decides it), and run.json."""
+    from peft import LoraConfig, get_peft_model
+
+    from refusal_probe.models.manifest import RunManifest
+    from refusal_probe.models.source import load_model
+
+    model, _ = load_model(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    peft_model.save_pretrained(run_dir / f"checkpoint-{step}")
+    RunManifest(
+        run=run_dir.name,
+        method="lora",
+        base_model=str(base),
+        learning_rate=1e-4,
+        total_steps=step,
+        checkpoints={step: 1.0},
+        complete=True,
+    ).save(run_dir)
+    return run_dir
