@@ -148,7 +148,7 @@ def noisy_lora_run(
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, scale)
-    peft_model.save_pretrained(run_dir / f"checkpoint-{step}")
+    peft_model.save_pretrained(str(run_dir / f"checkpoint-{step}"))
     RunManifest(
         run=run_dir.name,
         method="lora",
