@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9's comparison on the embedded Qwen (2 CPU cores): plain full fine-tuning against each safety-preserving
 # option at equal steps (settings: experiments/safety-options.toml), then eval with 128 AdvBench prompts and analyze.
-# Every command skips finished work, so re-running after an interruption resumes. Results table:
+# Every command skips finished work, so re-running after an interruption resumes. Names as arguments train and
+# evaluate only those runs (e.g. `bash experiments/safety_options.sh ema token-weighting`). Results table:
 #   python experiments/table.py runs/safety-options/analysis/checkpoints.csv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,10 @@ declare -A OPTION=(
   [token-weighting]="--token-weighting"
 )
 ORDER=(plain project-off-refusal gradient-surgery ewc refusal-preservation safety-monitor freeze-auto ema token-weighting)
+if (($#)); then
+  for run in "$@"; do [[ -v OPTION[$run] ]] || { echo "safety_options.sh: unknown run '$run' (one of: ${ORDER[*]})" >&2; exit 2; }; done
+  ORDER=("$@")
+fi
 
 for run in "${ORDER[@]}"; do
   echo "== $run: train $(date -u +%H:%M:%S)"
