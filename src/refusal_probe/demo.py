@@ -2,113 +2,139 @@
 
 Trains LoRA and full fine-tuning briefly on bundled translation data, evaluates refusal on a slice of AdvBench and
 chrF on held-out sentences, then runs `analyze`. Each stage is the real subcommand with smaller numbers; every stage
-resumes, so an interrupted demo picks up where it stopped.
+resumes, so an interrupted demo picks up where it stopped. It ends with the report's path and, per run, the three
+numbers that tell the story: refusal rate, chrF, and the cosine of the refusal direction to the base model's.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from refusal_probe.core.settings import Settings, cli_values, opt
 from refusal_probe.models.embedded import DEFAULT_MODEL, EMBEDDED
 
 # (method, learning rate): one adapter run, one full run, at rates that move refusal within a few steps on 0.5B.
 RUNS = (("lora", "2e-4"), ("full", "2e-5"))
+EFFECTIVE_BATCH = 8
+# Sequences per forward pass: 2 (x 4 accumulation) keeps full fine-tuning of the 0.5B model in float32 under 12 GB.
+PER_DEVICE_BATCH = 2
+
+
+@dataclass
+class DemoSettings(Settings):
+    """How big the demo is; the defaults are the measured ~15-minute CPU configuration (README)."""
+
+    NOUN = "demo setting"
+
+    model: str = opt(DEFAULT_MODEL, "Base model (embedded name, hub id, model dir or .gguf).")
+    out: str = opt("demo", "Working folder: runs in OUT/runs, the report in OUT/runs/analysis.")
+    steps: int = opt(8, f"Optimizer steps per run (effective batch {EFFECTIVE_BATCH}).")
+    checkpoint_fractions: list[float] = opt(
+        [0.5, 1.0], "Checkpoints to save, as fractions of training (the study: 0.25,0.5,0.75,1)."
+    )
+    n_advbench: int = opt(32, "AdvBench prompts per checkpoint for the refusal rate.")
+    n_translation: int = opt(16, "Held-out NTREX sentences per checkpoint for chrF.")
+    max_new_tokens: int = opt(48, "New tokens per answer (the early exit stops once the verdict is certain).")
+    n_prompts: int = opt(48, "Harmful and harmless prompts each for the refusal direction and its drift.")
+    device: str = opt("cpu", "cpu or cuda.")
+
+    def check(self) -> None:
+        from refusal_probe.core.errors import UserError
+
+        for key in ("steps", "n_advbench", "n_translation", "max_new_tokens", "n_prompts"):
+            if getattr(self, key) < 1:
+                raise UserError(f"--{key.replace('_', '-')} {getattr(self, key)}: pass a positive number")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train, evaluate and analyze a small sweep on the embedded model (roughly 30 min on 2 CPU cores)",
+        help="train, evaluate and analyze a small sweep on the embedded model (about 15 min on 2 CPU cores)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model (default: {DEFAULT_MODEL})")
-    p.add_argument(
-        "--out", default="demo", help="working folder: runs in OUT/runs, report in OUT/runs/analysis"
-    )
-    p.add_argument(
-        "--steps", type=int, default=8, help="optimizer steps per run (effective batch 8; default 8)"
-    )
-    p.add_argument("--n-advbench", type=int, default=32, help="AdvBench prompts per checkpoint (default 32)")
-    p.add_argument(
-        "--n-prompts", type=int, default=64, help="harmful/harmless prompts each for analyze (default 64)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    DemoSettings.add_arguments(p)
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from refusal_probe.cli import main
 
-    runs = Path(args.out) / "runs"
+    s = DemoSettings.from_dict(cli_values(args), where="demo")
+    s.check()
+    runs = Path(s.out) / "runs"
     started = time.time()
+    fractions = ",".join(map(str, s.checkpoint_fractions))
     for method, lr in RUNS:
-        _stage(f"train {method} lr={lr}")
+        _stage(f"train {method} lr={lr} ({s.steps} steps)")
+        accum = EFFECTIVE_BATCH // PER_DEVICE_BATCH
         rc = main(
-            [
-                "train",
-                "--model",
-                args.model,
-                "--method",
-                method,
-                "--learning-rate",
-                lr,
-                "--out",
-                str(runs),
-                "--n-train",
-                str(8 * args.steps),
-                "--per-device-batch-size",
-                "4",
-                "--grad-accum",
-                "2",
-                "--max-length",
-                "256",
-                "--device",
-                args.device,
-            ]
+            ["train", "--model", s.model, "--method", method, "--learning-rate", lr, "--out", str(runs)]
+            + ["--n-train", str(EFFECTIVE_BATCH * s.steps), "--per-device-batch-size", str(PER_DEVICE_BATCH)]
+            + ["--grad-accum", str(accum), "--max-length", "256", "--checkpoint-fractions", fractions]
+            + ["--device", s.device]
         )
         if rc:
             return rc
     _stage("evaluate refusal (AdvBench slice) and chrF (held-out NTREX)")
     rc = main(
-        [
-            "eval",
-            str(runs),
-            "--n-advbench",
-            str(args.n_advbench),
-            "--n-translation",
-            "16",
-            "--max-new-tokens",
-            "64",
-            "--device",
-            args.device,
-        ]
+        ["eval", str(runs), "--n-advbench", str(s.n_advbench), "--n-translation", str(s.n_translation)]
+        + ["--max-new-tokens", str(s.max_new_tokens), "--device", s.device]
     )
     if rc:
         return rc
     _stage("analyze")
-    known = EMBEDDED[args.model].refusal_direction if args.model in EMBEDDED else None
+    known = EMBEDDED[s.model].refusal_direction if s.model in EMBEDDED else None
     pinned = ["--layer", str(known[0]), "--position", str(known[1])] if known else []  # else: full selection
     rc = main(
         [
             "analyze",
             str(runs),
             "--n-prompts",
-            str(args.n_prompts),
+            str(s.n_prompts),
             "--n-val",
             "16",
             "--device",
-            args.device,
+            s.device,
             *pinned,
         ]
     )
     if rc == 0:
-        print(
-            f"\ndemo finished in {(time.time() - started) / 60:.1f} min; open {runs / 'analysis' / 'report.md'}"
-        )
+        analysis = runs / "analysis"
+        print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min")
+        for line in headline(analysis):
+            print(line)
+        print(f"report: {analysis / 'report.html'} (Markdown: {analysis / 'report.md'})")
     return rc
+
+
+def headline(analysis: Path) -> list[str]:
+    """One line per run: refusal rate, chrF and direction cosine, base -> the run's last checkpoint."""
+    from refusal_probe.analysis.tables import final_checkpoints, read_table
+
+    table = read_table(analysis, "checkpoints", required=True)
+    bases = table[table["step"] == 0]
+    lines = []
+    for _, r in final_checkpoints(table).iterrows():
+        own = bases[bases["run"] == r["run"]]
+        base = (own if len(own) else bases).iloc[0]
+        lines.append(
+            f"  {r['run']} (step {int(r['step'])}): refusal {_pct(base.get('refusal_rate'))} -> "
+            f"{_pct(r.get('refusal_rate'))}, chrF {_num(base.get('chrf'))} -> {_num(r.get('chrf'))}, "
+            f"cosine to the base refusal direction {_num(r.get('cos_to_base_at_rl'), 2)}"
+        )
+    return lines
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:.0%}"
+
+
+def _num(x, digits: int = 1) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
 
 
 def _stage(text: str) -> None:
