@@ -1,10 +1,12 @@
 """Issue 9's comparison table: plain full fine-tuning against each safety-preserving option at equal steps.
 
     python experiments/safety_table.py runs/safety-options [--csv experiments/results/safety-options/options.csv]
+    python experiments/safety_table.py experiments/results/safety-options --analysis analysis analysis-part2
 
-Reads what the toolkit wrote: ``analysis/checkpoints.csv`` (drift, causal measures, weight change, behaviour),
-``eval/<run>/<checkpoint>/advbench.jsonl`` (every prompt's verdict) and ``<run>/run.json`` (the option's own record
-and wall time). Every option run is compared with the plain run's final checkpoint on the same AdvBench prompts:
+Reads what the toolkit wrote: ``<analysis>/checkpoints.csv`` (drift, causal measures, weight change, behaviour;
+several analysis folders are joined, the first one's row kept where a checkpoint is in more than one),
+``eval/<run>/<checkpoint>/advbench.jsonl`` (every prompt's verdict) and ``<run>/run.json`` or ``runs/<run>/run.json``
+(the option's own record and wall time). Every option run is compared with the plain run's final checkpoint on the same AdvBench prompts:
 the refusal rate with its Wilson 95% interval, the paired difference option - plain with a 95% percentile interval
 from 2000 bootstrap resamples of the prompts (seed 0), and McNemar's exact two-sided p on the discordant prompts.
 """
@@ -90,8 +92,11 @@ def option_record(run_json: dict) -> str:
     return "; ".join(parts)
 
 
-def build(root: Path) -> pd.DataFrame:
-    table = pd.read_csv(root / "analysis" / "checkpoints.csv")
+def build(root: Path, analyses: tuple[str, ...] = ("analysis",)) -> pd.DataFrame:
+    parts = [
+        pd.read_csv(root / a / "checkpoints.csv", dtype={"run": str, "checkpoint": str}) for a in analyses
+    ]
+    table = pd.concat(parts, ignore_index=True).drop_duplicates(["run", "checkpoint"], keep="first")
     eval_dir = root / "eval"
     base_rows = table[table["step"] == 0].head(1).assign(run="base", checkpoint="base")
     rows = pd.concat([base_rows, table[table["step"] != 0]], ignore_index=True)
@@ -112,8 +117,11 @@ def build(root: Path) -> pd.DataFrame:
             rec["cos"] = (
                 f"{r['cos_to_base_at_rl']:.3f} [{r['cos_to_base_ci_low_at_rl']:.3f}, {r['cos_to_base_ci_high_at_rl']:.3f}]"
             )
-        run_json = root / str(r["run"]) / "run.json"
-        if run_json.is_file():
+        found = [
+            p for p in (root / str(r["run"]), root / "runs" / str(r["run"])) if (p / "run.json").is_file()
+        ]
+        if found:
+            run_json = found[0] / "run.json"
             doc = json.loads(run_json.read_text(encoding="utf-8"))
             rec["train_s"] = doc.get("wall_time_s")
             rec["record"] = option_record(doc)
@@ -141,8 +149,14 @@ def main(argv: list[str]) -> int:
         "root", type=Path, help="the experiment's runs folder (holds analysis/, eval/ and the runs)"
     )
     p.add_argument("--csv", type=Path, help="also write the table as CSV here")
+    p.add_argument(
+        "--analysis",
+        nargs="+",
+        default=["analysis"],
+        help="analysis folders under ROOT to join (default: analysis)",
+    )
     args = p.parse_args(argv)
-    df = build(args.root)
+    df = build(args.root, tuple(args.analysis))
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.csv, index=False)
