@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,13 +15,16 @@ from refusal_probe.analysis.readings import reading, with_readings
 from refusal_probe.core.errors import UserError
 from refusal_probe.probe.causal import (
     CAUSAL_METRICS,
+    INTERVALS,
     causal_rows,
     causal_scores,
     check_layers_spec,
     derived,
     mean_scores,
+    paired_interval,
     resolve_layers,
 )
+from refusal_probe.probe.noise import resample_counts
 
 # ----------------------------------------------------------------------------------------------- pure arithmetic
 
@@ -180,7 +184,7 @@ def test_a_zero_direction_costs_nothing_and_is_nan(tiny_llama):
     d = model.config.hidden_size
     got = causal_scores(model, tok, harmful, harmless, {0: torch.zeros(d)}, None, refusal_token_ids(tok), 6)
     assert got.forwards == 2
-    row = got.means()[0]
+    row = got.means(n_boot=20)[0]
     assert math.isfinite(row["score_harmful"]) and math.isfinite(row["score_harmless"])
     assert all(math.isnan(row[m]) for m in CAUSAL_METRICS if m not in ("score_harmful", "score_harmless"))
 
@@ -207,6 +211,13 @@ def test_analyze_writes_causal_columns_rows_and_figure(analysed):
     assert len(table) == 2 and table[cols].notna().all().all()
     base = table[table["step"] == 0].iloc[0]
     assert base["necessity_own_at_rl"] == base["necessity_base_at_rl"]  # the base against itself
+    for m in (
+        "necessity_base",
+        "necessity_own",
+        "sufficiency_base",
+    ):  # each interval holds its point estimate
+        assert (table[f"{m}_ci_low_at_rl"] <= table[f"{m}_at_rl"] + 1e-12).all()
+        assert (table[f"{m}_at_rl"] <= table[f"{m}_ci_high_at_rl"] + 1e-12).all()
 
     drift = pd.read_csv(analysed / "drift.csv")
     causal = drift[drift["metric"].isin(CAUSAL_METRICS)]
@@ -218,3 +229,40 @@ def test_analyze_writes_causal_columns_rows_and_figure(analysed):
     assert {"causal_drift.png", "causal_drift.svg", "drift_necessity_base_by_layer.png"} <= {
         p.name for p in analysed.iterdir()
     }
+
+
+def test_paired_interval_by_hand():
+    # a constant difference has no spread: every resample's mean is 0.5
+    counts = resample_counts(np.random.default_rng(0), 50, 3)
+    assert paired_interval(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.5, 2.5]), counts) == (0.5, 0.5)
+    # two pairs with differences 0 and 1, resamples enumerated: copies (2,0) mean 0, (1,1) mean 0.5, (0,2) mean 1
+    counts = np.array([[2, 0]] * 10 + [[1, 1]] * 80 + [[0, 2]] * 10)
+    lo, hi = paired_interval(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0]), counts)
+    assert (lo, hi) == (pytest.approx(0.0), pytest.approx(1.0))
+    counts = np.array([[1, 1]] * 100)  # no resample moves: the interval is the point
+    assert paired_interval(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0]), counts) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="do not fit 2 prompt pairs"):
+        paired_interval(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]), np.ones((5, 3)))
+
+
+def test_mean_scores_intervals_pair_the_prompts():
+    # harmful scores vary a lot across prompts but ablation lowers each by exactly 2: paired interval [2, 2]
+    harmful = torch.tensor([5.0, -3.0, 1.0, 9.0])
+    got = mean_scores(
+        {
+            "score_harmful": harmful,
+            "score_harmful_ablate_base": harmful - 2,
+            "score_harmful_ablate_own": None,
+            "score_harmless": torch.tensor([0.0, 1.0, 2.0, 3.0]),
+            "score_harmless_add_base": torch.tensor([1.0, 1.0, 1.0, 1.0]),
+        },
+        {4: resample_counts(np.random.default_rng(1), 200, 4)},
+    )
+    assert got["necessity_base_ci_low"] == pytest.approx(2.0) and got[
+        "necessity_base_ci_high"
+    ] == pytest.approx(2.0)
+    assert math.isnan(got["necessity_own_ci_low"]) and math.isnan(got["necessity_own_ci_high"])
+    # sufficiency: differences 1, 0, -1, -2 (mean -0.5): the interval holds the mean and lies within [-2, 1]
+    lo, hi = got["sufficiency_base_ci_low"], got["sufficiency_base_ci_high"]
+    assert -2.0 <= lo < -0.5 < hi <= 1.0
+    assert set(INTERVALS) <= set(got)

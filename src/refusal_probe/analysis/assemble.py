@@ -42,7 +42,8 @@ HOW = {
     "score_*": "refusal score: Arditi's refusal-token log-odds at the last position, mean over the held-out "
     "harmful_val / harmless_val prompts, forward passes only (no generation)",
     "necessity_*": "score_harmful minus score_harmful with a direction of layer l (chosen position) projected out "
-    "at every layer and position: base = the base model's direction, own = the checkpoint's difference of means",
+    "at every layer and position: base = the base model's direction, own = the checkpoint's difference of means; "
+    "_ci_low/_ci_high: 95% percentile interval over paired resamples of the held-out prompts (also for sufficiency)",
     "sufficiency_base": "score_harmless with the base direction vector (not normalised) added to the residual "
     "stream entering block l, minus score_harmless (as in direction selection)",
     "causal_reading": READINGS_HOW,

@@ -444,7 +444,9 @@ def causal(table: pd.DataFrame | None) -> Finding:
         for c in cols:
             if c in table.columns and _finite(r.get(c)):
                 at_base = f" (base {num(b.iloc[0][c])})" if len(b) and _finite(b.iloc[0][c]) else ""
-                bits.append(f"{c[: -len('_at_rl')]} {num(r[c])}{at_base}")
+                lo, hi = (r.get(c.replace("_at_rl", f"_ci_{end}_at_rl")) for end in ("low", "high"))
+                ci = f" [{num(lo)}, {num(hi)}]" if _finite(lo) and _finite(hi) else ""
+                bits.append(f"{c[: -len('_at_rl')]} {num(r[c])}{ci}{at_base}")
         if bits:
             items.append(
                 f"{_run_label(r['run'], r.get('method'), r.get('lr'))} at step {_step(r)}: " + ", ".join(bits)
@@ -452,7 +454,7 @@ def causal(table: pd.DataFrame | None) -> Finding:
     text = (
         "Refusal-score change (log-odds) at the refusal layer, last checkpoint against the base: necessity = score drop "
         "when the base (own) direction is ablated on harmful prompts, sufficiency = score rise when the base direction "
-        "is added on harmless prompts."
+        "is added on harmless prompts; brackets: 95% interval over resamples of the held-out prompts."
     )
     return Finding("causal", title, text, bool(items), tuple(items))
 

@@ -85,7 +85,7 @@ def causal_drift_rows(model, tok, sets: PromptSets, settings: AnalyzeSettings, r
         refusal_token_ids(tok),
         settings.batch_size,
     )
-    return scores.rows()
+    return scores.rows(settings.n_boot_prompts)
 
 
 def checkpoint_rows(ckpt, ref, settings: AnalyzeSettings, sets: PromptSets, prompts=None) -> dict[str, Any]:

@@ -37,6 +37,12 @@ CAUSAL_DOCS = {
     "necessity_base": "score_harmful - score_harmful_ablate_base (refusal the base direction carries)",
     "necessity_own": "score_harmful - score_harmful_ablate_own (refusal the checkpoint's own direction carries)",
     "sufficiency_base": "score_harmless_add_base - score_harmless (refusal the base direction induces)",
+    **{
+        f"{m}_ci_{end}": f"{end} end of the 95% percentile interval of {m} over paired resamples of the held-out "
+        "prompts (--n-boot-prompts, seed 0)"
+        for m in ("necessity_base", "necessity_own", "sufficiency_base")
+        for end in ("low", "high")
+    },
 }
 # Columns of ``checkpoint_table`` and how each number is computed (the report prints these verbatim).
 COLUMN_DOCS: dict[str, str] = {

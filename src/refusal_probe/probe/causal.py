@@ -11,7 +11,10 @@ with forward passes only, on the held-out prompt sets (``harmful_val`` / ``harml
 - ``score_harmless_add_base``: harmless prompts with the base direction vector (not normalised) added to the residual
   stream entering block l (``hooks.add``), exactly as direction selection scores a candidate;
 - ``necessity_base = score_harmful - score_harmful_ablate_base`` (how much refusal the base direction carries),
-  ``necessity_own`` likewise, ``sufficiency_base = score_harmless_add_base - score_harmless``.
+  ``necessity_own`` likewise, ``sufficiency_base = score_harmless_add_base - score_harmless``;
+- ``<derived>_ci_low`` / ``_ci_high``: a 95% percentile interval of each difference from resampling the held-out
+  prompts (paired: a resample keeps a prompt's score with and without the intervention together), so a necessity of
+  0.1 can be read against the noise of n_val prompts. The interval is over prompts, for this checkpoint's weights.
 
 Cost: the prompts are tokenised once per model; 2 forwards (harmful, harmless, no intervention) plus 3 per layer
 measured (ablate base, ablate own, add base), each over n_val prompts, last position only. At the base model the own
@@ -26,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from refusal_probe.core.errors import UserError
@@ -38,7 +42,14 @@ SCORES = (
     "score_harmless_add_base",
 )
 DERIVED = ("necessity_base", "necessity_own", "sufficiency_base")
-CAUSAL_METRICS = (*SCORES, *DERIVED)
+# each difference's paired prompt-bootstrap interval: (derived, with, without)
+PAIRS = (
+    ("necessity_base", "score_harmful", "score_harmful_ablate_base"),
+    ("necessity_own", "score_harmful", "score_harmful_ablate_own"),
+    ("sufficiency_base", "score_harmless_add_base", "score_harmless"),
+)
+INTERVALS = tuple(f"{name}_ci_{end}" for name in DERIVED for end in ("low", "high"))
+CAUSAL_METRICS = (*SCORES, *DERIVED, *INTERVALS)
 LAYER_CHOICES = ("refusal", "all")
 LAYERS_FLAG = "--causal-layers"
 
@@ -55,21 +66,43 @@ def derived(scores: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def mean_scores(per_prompt: Mapping[str, torch.Tensor | None]) -> dict[str, float]:
-    """Mean of each per-prompt score array (None, an intervention not run, gives NaN), plus the derived metrics."""
+def mean_scores(
+    per_prompt: Mapping[str, torch.Tensor | None], counts: Mapping[int, np.ndarray] | None = None
+) -> dict[str, float]:
+    """Mean of each per-prompt score array (None, an intervention not run, gives NaN), plus the derived metrics and,
+    given resample ``counts`` (set size n -> [B, n] copies of each prompt), each difference's ``paired_interval``."""
     means = {
         name: (math.nan if per_prompt.get(name) is None else float(torch.as_tensor(per_prompt[name]).mean()))
         for name in SCORES
     }
-    return {**means, **derived(means)}
+    out = {**means, **derived(means)}
+    if counts is not None:
+        for name, with_, without in PAIRS:
+            a, b = per_prompt.get(with_), per_prompt.get(without)
+            lo, hi = (math.nan, math.nan) if a is None or b is None else paired_interval(a, b, counts[len(a)])
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    return out
+
+
+def paired_interval(a, b, counts: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of mean(a - b) over resamples of the n prompt pairs: ``counts`` [B, n] copies of each
+    prompt per resample (``noise.resample_counts``), a prompt's two scores drawn together."""
+    diff = (torch.as_tensor(a) - torch.as_tensor(b)).to(torch.float64).numpy()
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != len(diff):
+        raise ValueError(f"resample counts of shape {c.shape} do not fit {len(diff)} prompt pairs")
+    means = (c @ diff) / c.sum(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 def causal_rows(per_layer: Mapping[int, Mapping[str, float]]) -> list[dict]:
-    """Tidy ``{layer, metric, value}`` rows, layers ascending, metrics in ``CAUSAL_METRICS`` order."""
+    """Tidy ``{layer, metric, value}`` rows, layers ascending, metrics in ``CAUSAL_METRICS`` order (those present)."""
     return [
         {"layer": int(layer), "metric": m, "value": float(per_layer[layer][m])}
         for layer in sorted(per_layer)
         for m in CAUSAL_METRICS
+        if m in per_layer[layer]
     ]
 
 
@@ -120,11 +153,22 @@ class CausalScores:
     per_prompt: dict[int, dict[str, torch.Tensor | None]] = field(default_factory=dict)
     forwards: int = 0  # forward passes over a whole prompt set
 
-    def means(self) -> dict[int, dict[str, float]]:
-        return {layer: mean_scores(scores) for layer, scores in self.per_prompt.items()}
+    def means(self, n_boot: int = 0, seed: int = 0) -> dict[int, dict[str, float]]:
+        """Per layer the mean scores and differences; with ``n_boot`` resamples (seeded, the same for every layer and
+        checkpoint) each difference's interval too."""
+        counts = None
+        if n_boot and self.per_prompt:
+            from refusal_probe.probe.noise import resample_counts
 
-    def rows(self) -> list[dict]:
-        return causal_rows(self.means())
+            rng = np.random.default_rng(seed)
+            sizes = sorted(
+                {len(s) for row in self.per_prompt.values() for s in row.values() if s is not None}
+            )
+            counts = {n: resample_counts(rng, n_boot, n) for n in sizes}
+        return {layer: mean_scores(scores, counts) for layer, scores in self.per_prompt.items()}
+
+    def rows(self, n_boot: int = 0, seed: int = 0) -> list[dict]:
+        return causal_rows(self.means(n_boot, seed))
 
 
 def causal_scores(

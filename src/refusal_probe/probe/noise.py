@@ -131,7 +131,7 @@ def spearman_brown(r: np.ndarray) -> np.ndarray:
         return np.where(r > 0, 2 * r / (1 + r), np.nan)
 
 
-def _counts(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
+def resample_counts(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
     """(n_boot, n) how often each prompt is drawn in each resample of n with replacement."""
     draws = rng.integers(0, n, size=(n_boot, n))
     counts = np.zeros((n_boot, n))
@@ -159,7 +159,7 @@ def bootstrap_cos(
         if n_boot < 1:
             raise UserError(f"a bootstrap interval needs at least 1 resample, got {n_boot}")
         rng = np.random.default_rng(seed)
-        counts = (_counts(rng, n_boot, n_h), _counts(rng, n_boot, n_l))
+        counts = (resample_counts(rng, n_boot, n_h), resample_counts(rng, n_boot, n_l))
     ch, cl = (np.atleast_2d(np.asarray(c, dtype=np.float64)) for c in counts)
     # copies -> weights of a weighted mean
     ch, cl = ch / ch.sum(axis=1, keepdims=True), cl / cl.sum(axis=1, keepdims=True)
