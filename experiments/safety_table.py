@@ -38,9 +38,9 @@ COLUMNS = (
     ("chrf", "chrF", "{:.1f}"),
     ("cos", "cos to base dir [95% CI]", "{}"),
     ("proj_gap_at_rl", "proj gap", "{:.2f}"),
-    ("necessity_base_at_rl", "necessity (base dir)", "{:.2f}"),
-    ("necessity_own_at_rl", "necessity (own dir)", "{:.2f}"),
-    ("sufficiency_base_at_rl", "sufficiency", "{:.2f}"),
+    ("necessity_base", "necessity (base dir)", "{}"),
+    ("necessity_own", "necessity (own dir)", "{}"),
+    ("sufficiency_base", "sufficiency", "{}"),
     ("causal_reading", "reading", "{}"),
     ("delta_fro_total", "‖ΔW‖F", "{:.3f}"),
     ("train_s", "train s", "{:.0f}"),
@@ -117,6 +117,11 @@ def build(root: Path, analyses: tuple[str, ...] = ("analysis",)) -> pd.DataFrame
             rec["cos"] = (
                 f"{r['cos_to_base_at_rl']:.3f} [{r['cos_to_base_ci_low_at_rl']:.3f}, {r['cos_to_base_ci_high_at_rl']:.3f}]"
             )
+        for m in ("necessity_base", "necessity_own", "sufficiency_base"):
+            v, lo, hi = (r.get(f"{m}{end}_at_rl") for end in ("", "_ci_low", "_ci_high"))
+            if v is not None and pd.notna(v):
+                ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and pd.notna(lo) and pd.notna(hi) else ""
+                rec[m] = f"{v:.2f}{ci}"
         found = [
             p for p in (root / str(r["run"]), root / "runs" / str(r["run"])) if (p / "run.json").is_file()
         ]
