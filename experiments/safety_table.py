@@ -99,7 +99,13 @@ def build(root: Path, analyses: tuple[str, ...] = ("analysis",)) -> pd.DataFrame
     table = pd.concat(parts, ignore_index=True).drop_duplicates(["run", "checkpoint"], keep="first")
     eval_dir = root / "eval"
     base_rows = table[table["step"] == 0].head(1).assign(run="base", checkpoint="base")
-    rows = pd.concat([base_rows, table[table["step"] != 0]], ignore_index=True)
+    runs = table[table["step"] != 0]
+    runs = (
+        runs.assign(_order=(runs["run"] != PLAIN))
+        .sort_values(["_order", "run", "step"])
+        .drop(columns="_order")
+    )
+    rows = pd.concat([base_rows, runs], ignore_index=True)  # base, plain, then the options by name
     plain_final = table[(table["run"] == PLAIN)].sort_values("step").tail(1)
     plain_v = verdicts(eval_dir, PLAIN, str(plain_final["checkpoint"].iloc[0])) if len(plain_final) else None
     out = []
