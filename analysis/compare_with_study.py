@@ -3,7 +3,9 @@
     python analysis/compare_with_study.py experiments/results/cpu-small/analysis --n 32 --out analysis/results/cpu-small-n32
 
 Reads ``checkpoints.csv`` that `refusal-probe analyze` wrote (refusal_rate joined from `refusal-probe eval`); ``--n``
-is the number of AdvBench prompts each rate was judged on. Writes ``claims.csv`` and ``claims.md`` under ``--out``.
+is the number of AdvBench prompts each rate was judged on. Writes ``claims.csv``, ``claims.md`` and the forest plot
+``claims.png`` / ``claims.svg`` (each comparison's estimate and 95% interval against the claim's threshold) under
+``--out``.
 The comparisons and their intervals: ``refusal_probe.analysis.claims``.
 """
 
@@ -52,6 +54,44 @@ def markdown(df, n: int) -> str:
     return "\n".join(lines)
 
 
+COLOURS = {"agrees": "tab:green", "disagrees": "tab:red", "inconclusive": "tab:gray"}
+
+
+def forest(df, out: Path) -> None:
+    """One panel per claim: each comparison's estimate and 95% interval, coloured by verdict, the threshold dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    claims = [c for c in CLAIMS if (df["claim"] == c).any()]
+    heights = [max(1.2, 0.35 * (df["claim"] == c).sum() + 0.6) for c in claims]
+    fig, axes = plt.subplots(
+        len(claims), 1, figsize=(8, sum(heights)), gridspec_kw={"height_ratios": heights}
+    )
+    for ax, claim in zip(list(getattr(axes, "flat", [axes])), claims, strict=True):
+        rows = df[df["claim"] == claim].reset_index(drop=True)
+        y = range(len(rows))[::-1]
+        for yi, r in zip(y, rows.itertuples(index=False), strict=True):
+            ax.plot([r.low, r.high], [yi, yi], color=COLOURS[r.verdict], lw=2)
+            ax.plot(r.estimate, yi, "o", color=COLOURS[r.verdict])
+        ax.axvline(0.5 if claim == "early" else 0.0, ls="--", color="black", lw=0.8)
+        ax.set_yticks(list(y), list(rows["what"]), fontsize=7)
+        ax.set_title(
+            f"{claim}: "
+            + (
+                "share of the loss at the first checkpoint"
+                if claim == "early"
+                else "difference of final refusal rates"
+            ),
+            fontsize=9,
+        )
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"claims.{ext}", dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("analysis", type=Path, help="an analysis folder (holds checkpoints.csv)")
@@ -68,6 +108,7 @@ def main(argv: list[str]) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "claims.csv", lambda tmp: df.to_csv(tmp, index=False))
         atomic_write(args.out / "claims.md", lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        forest(df, args.out)
     print(text)
     return 0
 
