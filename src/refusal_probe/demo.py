@@ -25,7 +25,7 @@ PER_DEVICE_BATCH = 2
 
 @dataclass
 class DemoSettings(Settings):
-    """How big the demo is; the defaults are the measured ~15-minute CPU configuration (README)."""
+    """How big the demo is; the defaults are the configuration measured in the README (12.8 min on 2 CPU cores)."""
 
     NOUN = "demo setting"
 
@@ -52,7 +52,7 @@ class DemoSettings(Settings):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train, evaluate and analyze a small sweep on the embedded model (about 15 min on 2 CPU cores)",
+        help="train, evaluate and analyze a small sweep on the embedded model (about 13 min on 2 CPU cores)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
