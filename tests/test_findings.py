@@ -158,6 +158,10 @@ def test_strongest_correlate_by_hand():
     old = _corr().drop(columns=["spearman_ci_low", "spearman_ci_high", "n_runs", "control"])
     assert "(no interval in this table)" in f.strongest_correlate(old).text
     assert not f.strongest_correlate(None).available
+    # two runs: a run bootstrap has 3 distinct resamples, so no interval is claimed (and no "includes 0")
+    two = f.strongest_correlate(_corr().assign(n_runs=2, spearman_ci_low=-0.1))
+    assert "Spearman rho = 0.93 (no interval: 2 runs are too few to resample; 3 needed)" in two.text
+    assert "includes 0" not in two.text and "[" not in "".join(two.items)
 
 
 def test_lora_vs_full_by_hand():

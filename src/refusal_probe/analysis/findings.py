@@ -220,10 +220,22 @@ def _plain(corr: pd.DataFrame) -> pd.DataFrame:
     return corr[corr["control"].fillna("").astype(str) == ""]
 
 
+MIN_RUNS_FOR_INTERVAL = 3
+
+
+def _too_few_runs(r: Mapping) -> bool:
+    return _finite(r.get("n_runs")) and int(r["n_runs"]) < MIN_RUNS_FOR_INTERVAL
+
+
 def _rho_text(r: Mapping) -> str:
     text = f"Spearman rho = {num(r.get('spearman_rho'), 2)}"
     lo, hi = r.get("spearman_ci_low", np.nan), r.get("spearman_ci_high", np.nan)
-    if _finite(lo) and _finite(hi):
+    if _too_few_runs(r):
+        # resampling 2 runs has 3 distinct outcomes: its percentile "interval" says nothing about uncertainty
+        text += (
+            f" (no interval: {int(r['n_runs'])} runs are too few to resample; {MIN_RUNS_FOR_INTERVAL} needed)"
+        )
+    elif _finite(lo) and _finite(hi):
         runs = f" from resampling {int(r['n_runs'])} runs" if _finite(r.get("n_runs")) else ""
         text += f" (95% interval {_interval(float(lo), float(hi))}{runs})"
     else:
@@ -249,7 +261,7 @@ def strongest_correlate(corr: pd.DataFrame | None, y: str = "refusal_rate") -> F
         f"Pearson r = {num(best.get('pearson_r'), 2)}, n = {int(best['n'])} checkpoints."
     )
     lo, hi = best.get("spearman_ci_low", np.nan), best.get("spearman_ci_high", np.nan)
-    if _finite(lo) and _finite(hi) and float(lo) <= 0 <= float(hi):
+    if not _too_few_runs(best) and _finite(lo) and _finite(hi) and float(lo) <= 0 <= float(hi):
         text += " Its interval includes 0: not distinguishable from no correlation."
     items = []
     if "control" in corr.columns:
