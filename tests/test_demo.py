@@ -8,18 +8,7 @@ import pytest
 from refusal_probe.cli import main
 from refusal_probe.demo import DemoSettings
 
-SMALL = [
-    "--steps",
-    "2",
-    "--n-advbench",
-    "4",
-    "--n-translation",
-    "4",
-    "--max-new-tokens",
-    "8",
-    "--n-prompts",
-    "12",
-]
+SMALL = "--steps 2 --n-advbench 4 --n-translation 4 --max-new-tokens 8 --n-prompts 12".split()
 
 
 @pytest.fixture(scope="module")
