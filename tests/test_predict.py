@@ -146,6 +146,23 @@ def test_predict_all_report_and_columns(tmp_path):
     assert report["met"]["auroc"] is True and isinstance(report["fails"], str)
     written = predict.write_predictions(table, prompts, tmp_path)
     assert {p.name for p in written} == {"predictions.csv", "predictions.parquet", "prediction.json"}
+    assert report["label_noise"]["mae_floor"] is None  # n unknown: no floor claimed
+    _, with_n = predict.predict_all(table, prompts, n_judged=32)
+    floor = predict.label_noise_mae(table.loc[table["step"] > 0, "refusal_rate"].tolist(), 32)
+    assert with_n["label_noise"] == pytest.approx(
+        {**with_n["label_noise"], "n_judged": 32, "mae_floor": floor}
+    )
+    assert f"label noise alone costs MAE {floor:.3f} at n = 32" in with_n["fails"]
+
+
+def test_label_noise_mae_by_hand():
+    # p = 0.5 judged on 2 prompts: 0, 1/2, 1 with probability 1/4, 1/2, 1/4 -> E|x - 1/2| = 1/4
+    assert predict.label_noise_mae([0.5], 2) == pytest.approx(0.25)
+    assert predict.label_noise_mae([0.0, 1.0], 7) == 0.0  # a certain rate has no noise
+    assert predict.label_noise_mae([0.5, 0.0], 2) == pytest.approx(0.125)  # the mean over checkpoints
+    # p = 1/4 on 4 prompts: sum_k C(4,k) (1/4)^k (3/4)^(4-k) |k/4 - 1/4| = 81/256 * 1/4 + 54/256 * 1/4 + 12/256 * 2/4 + 1/256 * 3/4
+    assert predict.label_noise_mae([0.25], 4) == pytest.approx((81 / 4 + 54 / 4 + 12 / 2 + 3 / 4) / 256)
+    assert math.isnan(predict.label_noise_mae([], 32)) and math.isnan(predict.label_noise_mae([0.5], 0))
 
 
 def test_nothing_written_without_refusal_rates(tmp_path):

@@ -155,7 +155,9 @@ def assemble(spec, out, tree, refs, entries, settings, sets, beh, beh_path, note
     if prompts is not None and len(prompts):
         written += tables.write_table(prompts, out, "prompts")
     if "refusal_rate" in y_cols:  # held-out predictions of the refusal rate from internals
-        written += predict.write_predictions(table, prompts, out)
+        from refusal_probe.analysis.findings import refusal_n
+
+        written += predict.write_predictions(table, prompts, out, refusal_n(beh))
 
     summary: dict[str, Any] = {
         "format": "refusal-probe/analysis/1",

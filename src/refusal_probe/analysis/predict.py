@@ -100,6 +100,19 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return float(roc_auc_score(y, s))
 
 
+def label_noise_mae(rates: Sequence[float], n: int) -> float:
+    """The MAE a perfect predictor of each checkpoint's true refusal rate would still score against rates judged on
+    n prompts: the mean over checkpoints of E|Binomial(n, p) / n - p|, p = the observed rate (a plug-in estimate)."""
+    from scipy import stats
+
+    p = np.asarray([r for r in rates if math.isfinite(r)], dtype=np.float64)
+    if n < 1 or not len(p):
+        return math.nan
+    k = np.arange(n + 1)
+    pmf = stats.binom.pmf(k[None, :], n, p[:, None])  # [checkpoints, n + 1]
+    return float((pmf * np.abs(k[None, :] / n - p[:, None])).sum(axis=1).mean())
+
+
 def conformal_halfwidth(residuals: Sequence[float], alpha: float = ALPHA) -> float:
     """Split-conformal half-width: the ceil((n + 1)(1 - alpha))-th smallest |residual|; inf when n is too small."""
     r = np.sort(np.abs(np.asarray(residuals, dtype=np.float64)))
@@ -338,9 +351,13 @@ ROWS_HOW = (
 
 
 def predict_all(
-    table: pd.DataFrame, prompts: pd.DataFrame | None = None, alpha: float = ALPHA
+    table: pd.DataFrame,
+    prompts: pd.DataFrame | None = None,
+    alpha: float = ALPHA,
+    n_judged: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """(predictions table, prediction.json dict) from the checkpoints table and the optional per-prompt table."""
+    """(predictions table, prediction.json dict) from the checkpoints table and the optional per-prompt table;
+    ``n_judged``: AdvBench prompts behind each refusal rate, for the label-noise floor of the MAE."""
     prompts = prompts if prompts is not None and len(prompts) else None
     rows = evaluation_rows(table, prompts)
     pp = prompts if prompts is not None else pd.DataFrame(columns=["run", "checkpoint", "refusal_score"])
@@ -370,6 +387,12 @@ def predict_all(
             "prompts": 0 if prompts is None else len(prompts),
         },
         "goals": {"mae_at_most": GOALS["mae"], "auroc_at_least": GOALS["auroc"]},
+        "label_noise": {
+            "n_judged": n_judged,
+            "mae_floor": None if not n_judged else label_noise_mae(rows[TARGET].tolist(), n_judged),
+            "how": "mean over the checkpoints of E|Binomial(n, p)/n - p| at p = the observed rate: the MAE that even "
+            "a perfect predictor of the true rate scores against rates judged on n prompts",
+        },
         "models": results,
         "auroc": aur,
         "how": HOW,
@@ -409,6 +432,12 @@ def where_it_fails(report: dict[str, Any]) -> str:
             f"{scheme} MAE {s['mae']:.3f}{vs} {ok} the {GOALS['mae']} goal, worst held out "
             f"{s['worst']['held_out']} at {s['worst']['mae']:.3f}"
         )
+    noise = report.get("label_noise") or {}
+    if noise.get("mae_floor") is not None and math.isfinite(noise["mae_floor"]):
+        parts.append(
+            f"label noise alone costs MAE {noise['mae_floor']:.3f} at n = {noise['n_judged']} judged prompts "
+            "(a perfect predictor of the true rate would score that)"
+        )
     aur = report["auroc"].get("refusal_score")
     if not aur:
         parts.append("no per-prompt data, so the per-prompt AUROC and the prompt models are not measured")
@@ -419,7 +448,9 @@ def where_it_fails(report: dict[str, Any]) -> str:
     return f"{name}: " + "; ".join(parts) + "."
 
 
-def write_predictions(table: pd.DataFrame, prompts: pd.DataFrame | None, out: str | Path) -> list[Path]:
+def write_predictions(
+    table: pd.DataFrame, prompts: pd.DataFrame | None, out: str | Path, n_judged: int | None = None
+) -> list[Path]:
     """predictions.csv/.parquet (when a group can be held out) and prediction.json in ``out``; nothing when no row
     has an observed refusal rate. One run alone still gets prediction.json: its per-prompt AUROC needs no fit."""
     from refusal_probe.analysis.tables import write_table
@@ -427,7 +458,7 @@ def write_predictions(table: pd.DataFrame, prompts: pd.DataFrame | None, out: st
 
     if TARGET not in table or not len(evaluation_rows(table, None)):
         return []
-    pred, report = predict_all(table, prompts)
+    pred, report = predict_all(table, prompts, n_judged=n_judged)
     written = write_table(pred, out, "predictions") if len(pred) else []
     written.append(write_json(Path(out) / "prediction.json", report))
     return written
