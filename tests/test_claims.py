@@ -67,3 +67,6 @@ def test_compare_on_a_small_sweep():
     assert slow.estimate == pytest.approx(0.2 / 0.7) and slow.verdict == "disagrees"
     assert not any(c.startswith("lora-") for c in got)  # runs that lost nothing have no share
     assert tally(list(got.values()))["method"] == {"agrees": 2}
+    # a run whose base was not evaluated has no share (and no crash)
+    no_base = _table([r for r in rows if not (r[0] == "full-lo" and r[4] == 0)])
+    assert not any(c.what.startswith("full-lo:") for c in compare(no_base, 200))

@@ -113,8 +113,7 @@ def compare(table: pd.DataFrame, n: int) -> list[Comparison]:
     for _, last in final.iterrows():
         run = last["run"]
         base = _base_rate(table, run)
-        lost = rate_gap(base, last["refusal_rate"], n)
-        if not lost[1] > 0:
+        if not math.isfinite(base) or not rate_gap(base, last["refusal_rate"], n)[1] > 0:
             continue
         rows = table[(table["run"] == run) & (steps > 0)].sort_values("step")
         first = rows.iloc[0]
