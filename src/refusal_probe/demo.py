@@ -19,7 +19,8 @@ from refusal_probe.models.embedded import DEFAULT_MODEL, EMBEDDED
 # (method, learning rate): one adapter run, one full run, at rates that move refusal within a few steps on 0.5B.
 RUNS = (("lora", "2e-4"), ("full", "2e-5"))
 EFFECTIVE_BATCH = 8
-# Sequences per forward pass: 2 (x 4 accumulation) keeps full fine-tuning of the 0.5B model in float32 under 12 GB.
+# Sequences per forward pass (x 4 accumulation). Activations are not what sets the memory peak (weights, gradients
+# and AdamW moments of the 630M-parameter embedded model are 9.6 GiB; README): batch 1 measured the same peak.
 PER_DEVICE_BATCH = 2
 
 
